@@ -1,0 +1,226 @@
+"""Detectron2 trainer for ViTDet (+ATC/SEC): AdamW with layer-wise lr decay, LSJ, COCO evaluation,
+atomic checkpoints, strict weight loading, and DDP on CPU (gloo)."""
+import logging
+import os
+from functools import partial
+from typing import Any, Dict, List
+from unittest import mock
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import transforms as T
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import defaults as d2_defaults
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import COCOEvaluator
+from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
+
+from .config import add_atc_det_config
+from .data.datasets import prepare_datasets
+from .modeling import backbone  # noqa: F401  (registers build_vitdet_backbone)
+
+logger = logging.getLogger("atc_det")
+
+
+class CheckedDatasetMapper(DatasetMapper):
+    """Detectron2's DatasetMapper that names the image file when it cannot be read."""
+
+    def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
+        try:
+            return super().__call__(dataset_dict)
+        except OSError as e:
+            raise OSError(
+                f"cannot read image {dataset_dict.get('file_name')!r} ({e}); fix or remove the "
+                "file, or drop its record from the dataset's annotation json"
+            ) from e
+
+
+class Checkpointer(DetectionCheckpointer):
+    """DetectionCheckpointer with atomic writes and strict loading.
+
+    A checkpoint and the ``last_checkpoint`` tag are written to a temporary file and renamed, so a
+    run killed at any moment leaves the previous checkpoint intact and ``--resume`` loses only the
+    iterations since it. With ``strict``, loading weights whose keys do not match the model
+    (missing, unexpected or with another shape) raises, unless loaded with matching heuristics.
+    """
+
+    def __init__(self, *args, strict: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.strict = strict
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", save_file)
+        tmp = save_file + ".tmp"
+        with open(tmp, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, save_file)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        save_file = os.path.join(self.save_dir, "last_checkpoint")
+        with open(save_file + ".tmp", "w") as f:
+            f.write(last_filename_basename)
+        os.replace(save_file + ".tmp", save_file)
+
+    def _load_model(self, checkpoint: Any):
+        heuristics = checkpoint.get("matching_heuristics", False)
+        incompatible = super()._load_model(checkpoint)
+        if self.strict and not heuristics:
+            problems = []
+            if incompatible.missing_keys:
+                problems.append(f"missing in the checkpoint: {incompatible.missing_keys[:10]}")
+            if incompatible.unexpected_keys:
+                problems.append(f"not in the model: {incompatible.unexpected_keys[:10]}")
+            if incompatible.incorrect_shapes:
+                shapes = [f"{k}: {a} vs model {b}" for k, a, b in incompatible.incorrect_shapes]
+                problems.append(f"shape mismatch: {shapes[:10]}")
+            if problems:
+                raise ValueError(
+                    "checkpoint keys don't match the model (" + "; ".join(problems) + "). Check "
+                    "that MODEL.* (e.g. MODEL.VIT size, ROI_HEADS.NUM_CLASSES) matches the "
+                    "checkpoint, or set MODEL.WEIGHTS_STRICT False to load what matches."
+                )
+        return incompatible
+
+
+def _create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+    """``create_ddp_model`` that also works on CPU (gloo), where DDP needs ``device_ids=None``."""
+    if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+        kwargs["device_ids"] = None
+    return create_ddp_model(model, **kwargs)
+
+
+def lsj_augmentations(cfg: CfgNode) -> List[T.Augmentation]:
+    """Large-scale jitter as in ViTDet: flip, random resize of a square target, fixed-size crop."""
+    size = cfg.INPUT.LSJ.IMAGE_SIZE
+    return [
+        T.RandomFlip(horizontal=True),
+        T.ResizeScale(
+            min_scale=cfg.INPUT.LSJ.MIN_SCALE,
+            max_scale=cfg.INPUT.LSJ.MAX_SCALE,
+            target_height=size,
+            target_width=size,
+        ),
+        T.FixedSizeCrop(crop_size=(size, size), pad=False),
+    ]
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with the ViTDet recipe's optimiser and data, and COCO evaluation."""
+
+    def __init__(self, cfg: CfgNode):
+        checkpointer = partial(Checkpointer, strict=cfg.MODEL.WEIGHTS_STRICT)
+        with mock.patch.object(d2_defaults, "create_ddp_model", _create_ddp_model), mock.patch.object(
+            d2_defaults, "DetectionCheckpointer", checkpointer
+        ):
+            super().__init__(cfg)
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+        if cfg.SOLVER.OPTIMIZER == "SGD":
+            return super().build_optimizer(cfg, model)
+        if cfg.SOLVER.OPTIMIZER != "ADAMW":
+            raise ValueError(
+                f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r} is not supported; use 'ADAMW' or 'SGD'"
+            )
+        lr_factor = None
+        if cfg.SOLVER.LR_DECAY_RATE != 1.0:
+            lr_factor = partial(
+                get_vit_lr_decay_rate,
+                lr_decay_rate=cfg.SOLVER.LR_DECAY_RATE,
+                num_layers=cfg.MODEL.VIT.DEPTH,
+            )
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            lr_factor_func=lr_factor,
+            overrides={"pos_embed": {"weight_decay": 0.0}},
+        )
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
+            params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS),
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        )
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        if cfg.INPUT.LSJ.ENABLED:
+            mapper = CheckedDatasetMapper(
+                cfg, is_train=True, augmentations=lsj_augmentations(cfg),
+                recompute_boxes=cfg.MODEL.MASK_ON,
+            )
+        else:
+            mapper = CheckedDatasetMapper(cfg, is_train=True)
+        return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, is_train=False)
+        )
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        # use_fast_impl=False: pycocotools' COCOeval (Detectron2's fast one needs its C++ _C).
+        return COCOEvaluator(
+            dataset_name,
+            output_dir=output_folder,
+            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+            use_fast_impl=False,
+        )
+
+
+def load_config(config_file: str, opts: List[str] | None = None) -> CfgNode:
+    """A frozen config from defaults + atc_det keys + ``config_file`` + ``KEY VALUE`` overrides.
+
+    Raises a KeyError naming the key for an unknown key; falls back to CPU (with a warning)
+    when CUDA is requested but not available, and disables AMP on CPU.
+    """
+    cfg = get_cfg()
+    add_atc_det_config(cfg)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file {config_file!r} not found")
+    for source, merge in ((config_file, lambda: cfg.merge_from_file(config_file)),
+                          ("command-line overrides", lambda: cfg.merge_from_list(opts or []))):
+        try:
+            merge()
+        except KeyError as e:
+            raise KeyError(
+                f"{e.args[0]} (from {source}); valid keys are Detectron2's "
+                "(detectron2/config/defaults.py) and atc_det's (atc_det/config.py)"
+            ) from None
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("MODEL.DEVICE=%s but CUDA is not available: using cpu", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
+        logger.warning("SOLVER.AMP.ENABLED is not supported on cpu: training in float32")
+        cfg.SOLVER.AMP.ENABLED = False
+    cfg.freeze()
+    return cfg
+
+
+def setup(args) -> CfgNode:
+    """Config + logging + dataset registration, in every process of ``tools/train_net.py``.
+
+    The launching process has already generated missing toy data (``prepare_datasets``).
+    """
+    cfg = load_config(args.config_file, args.opts)
+    default_setup(cfg, args)
+    prepare_datasets(list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)))
+    return cfg

@@ -1,0 +1,1 @@
+"""Detectron2 adapters: the ViTDet backbone builder and ATC / SEC patches for ViT."""

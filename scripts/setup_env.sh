@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Create the project environment in $VENV (default .venv) if it is missing or incomplete.
+# Idempotent: packages already present are not downloaded or rebuilt again.
+# Detectron2: an already-importable detectron2 (e.g. built from source for GPU) is used as is;
+# otherwise PyPI's sal-detectron2==0.7.2 (Detectron2 main, mis-tagged cp310) is repacked as a
+# pure-Python wheel without the _C extension and installed with --no-deps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+STAMP="$VENV/.atc_det_env_ok"
+
+if [ -f "$STAMP" ] && [ "$STAMP" -nt setup.py ] && [ "$STAMP" -nt scripts/setup_env.sh ]; then
+  exit 0
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  # --system-site-packages lets a detectron2/torch built on the host be reused.
+  "$PY" -m venv --system-site-packages "$VENV"
+fi
+P="$(cd "$VENV" && pwd)/bin/python"
+"$P" -m pip install -q --upgrade pip wheel 'setuptools<81'
+
+if ! "$P" -c "import torch, torchvision" 2>/dev/null; then
+  "$P" -m pip install -q torch==2.14.1 torchvision==0.29.1
+fi
+
+if ! "$P" -c "import detectron2" 2>/dev/null; then
+  WORK=$(mktemp -d)
+  "$P" -m pip download -q --no-deps sal-detectron2==0.7.2 --python-version 3.10 \
+      --only-binary=:all: -d "$WORK"
+  (cd "$WORK" && "$P" -m wheel unpack -d unpacked sal_detectron2-0.7.2-*.whl)
+  D=$(ls -d "$WORK"/unpacked/*)
+  rm -rf "$D/tools" "$D"/detectron2/_C*.so
+  WHL=$(ls -d "$D"/*.dist-info)/WHEEL
+  sed -i -e 's/^Tag: .*/Tag: py3-none-any/' -e 's/^Root-Is-Purelib: .*/Root-Is-Purelib: true/' "$WHL"
+  RECORD=$(ls -d "$D"/*.dist-info)/RECORD
+  grep -v -E '^(tools/|detectron2/_C)' "$RECORD" > "$RECORD.new" && mv "$RECORD.new" "$RECORD"
+  mkdir -p "$WORK/out" && "$P" -m wheel pack -d "$WORK/out" "$D"
+  "$P" -m pip install -q --no-deps "$WORK"/out/*.whl
+  rm -rf "$WORK"
+fi
+
+# detectron2's own runtime dependencies (its wheel was installed --no-deps) and ours.
+"$P" -m pip install -q \
+  'fvcore>=0.1.5' 'iopath>=0.1.7' 'pycocotools>=2.0.2' 'omegaconf>=2.1,<2.4' 'hydra-core>=1.1' \
+  'termcolor>=1.1' tabulate cloudpickle 'yacs>=0.1.8' 'matplotlib' 'Pillow>=7.1' tqdm \
+  tensorboard black packaging \
+  'timm' 'opencv-python-headless' 'scipy' 'scikit-learn' 'fastcluster' \
+  'pytest' 'pytest-timeout'
+"$P" -m pip install -q --no-deps -e .
+"$P" -c "import torch, torchvision, detectron2, atc_det, fvcore, pycocotools, timm, cv2, scipy"
+touch "$STAMP"
