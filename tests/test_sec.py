@@ -1,0 +1,196 @@
+"""SEC grouping and SEC attention in Detectron2's ViT, against independent references:
+Detectron2's own Attention / Block / add_decomposed_rel_pos and a brute-force per-group loop."""
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.config import get_cfg
+from detectron2.modeling import ViT
+from detectron2.modeling.backbone.utils import add_decomposed_rel_pos
+from detectron2.modeling.backbone.vit import Attention, Block
+
+from atc_det.config import add_atc_det_config
+from atc_det.modeling.sec_vit import SecAttention, apply_sec, apply_sec_from_cfg
+from atc_det.sec import balanced_slots, gather_groups, scatter_groups, sec_group_indices
+
+torch.manual_seed(0)
+DIM, HEADS = 32, 4
+
+
+def reference_groups(keys: torch.Tensor, num_groups: int) -> list:
+    """Brute force: rank tokens by cosine(key, mean key) and split the ranking into G chunks."""
+    similarity = F.cosine_similarity(keys, keys.mean(0, keepdim=True), dim=-1)
+    order = sorted(range(keys.shape[0]), key=lambda n: (similarity[n].item(), n))
+    return [chunk.tolist() for chunk in torch.tensor_split(torch.tensor(order), num_groups)]
+
+
+def reference_sec_attention(attn: Attention, x: torch.Tensor, num_groups: int, bias_fn):
+    """Loop over images, heads and groups: softmax(q k^T * scale + bias) v within each group."""
+    batch, height, width, _ = x.shape
+    n = height * width
+    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    out = torch.zeros(batch, attn.num_heads, n, qkv.shape[-1])
+    for b in range(batch):
+        for h in range(attn.num_heads):
+            q, k, v = qkv[0, b, h], qkv[1, b, h], qkv[2, b, h]
+            bias = bias_fn(q) if attn.use_rel_pos else torch.zeros(n, n)
+            for idx in reference_groups(k, num_groups):
+                logits = (q[idx] * attn.scale) @ k[idx].T + bias[idx][:, idx]
+                out[b, h, idx] = logits.softmax(-1) @ v[idx]
+    return attn.proj(out.permute(0, 2, 1, 3).reshape(batch, height, width, -1))
+
+
+def detectron2_bias(attn: Attention, height: int, width: int):
+    """Full [N, N] rel-pos bias from Detectron2's add_decomposed_rel_pos (zero logits)."""
+
+    def bias_fn(q):
+        zeros = torch.zeros(1, height * width, height * width)
+        hw = (height, width)
+        return add_decomposed_rel_pos(zeros, q[None], attn.rel_pos_h, attn.rel_pos_w, hw, hw)[0]
+
+    return bias_fn
+
+
+def clamped_bias(attn: Attention, height: int, width: int):
+    """Full [N, N] bias, offsets clamped to the table range, by a loop over token pairs."""
+
+    def bias_fn(q):
+        radius_h, radius_w = attn.rel_pos_h.shape[0] // 2, attn.rel_pos_w.shape[0] // 2
+        n = height * width
+        bias = torch.zeros(n, n)
+        for i in range(n):
+            for j in range(n):
+                dy = max(-radius_h, min(radius_h, i // width - j // width))
+                dx = max(-radius_w, min(radius_w, i % width - j % width))
+                bias[i, j] = q[i] @ attn.rel_pos_h[dy + radius_h] + q[i] @ attn.rel_pos_w[dx + radius_w]
+        return bias
+
+    return bias_fn
+
+
+def make_attention(input_size) -> Attention:
+    return Attention(DIM, HEADS, use_rel_pos=True, rel_pos_zero_init=False, input_size=input_size)
+
+
+def test_slots_are_balanced_and_cover_every_rank_once():
+    for n, g in [(10, 4), (12, 3), (7, 7), (100, 9), (4096, 21)]:
+        slots = balanced_slots(n, g)
+        real = slots[slots < n]
+        assert torch.equal(real, torch.arange(n))
+        sizes = (slots < n).sum(1)
+        assert sizes.max() - sizes.min() <= 1 and (sizes > 0).all()
+    with pytest.raises(ValueError, match="num_groups"):
+        balanced_slots(3, 4)
+
+
+def test_grouping_matches_brute_force_ranking():
+    keys = torch.randn(2, 3, 23, 8)
+    perm = sec_group_indices(keys, 5)
+    for b in range(2):
+        for h in range(3):
+            groups = [[t for t in row.tolist() if t < 23] for row in perm[b, h]]
+            assert groups == reference_groups(keys[b, h], 5)
+
+
+def test_gather_scatter_roundtrip_and_one_group_keeps_order():
+    x = torch.randn(2, 3, 23, 8)
+    perm = sec_group_indices(torch.randn(2, 3, 23, 4), 6)
+    assert torch.equal(scatter_groups(gather_groups(x, perm), perm, 23), x)
+    assert torch.equal(sec_group_indices(x, 1)[0, 0, 0], torch.arange(23))
+
+
+def test_one_group_equals_detectron2_global_attention_block():
+    block = Block(DIM, HEADS, use_rel_pos=True, rel_pos_zero_init=False, input_size=(6, 7))
+    x = torch.randn(2, 6, 7, DIM)
+    expected = block(x)
+    block.attn = SecAttention(block.attn, num_groups=1)
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_group_resizes_table_like_detectron2_at_another_size():
+    attn = make_attention((6, 6))
+    x = torch.randn(1, 9, 5, DIM)
+    torch.testing.assert_close(SecAttention(attn, num_groups=1)(x), attn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_window_sized_image_equals_detectron2_window_attention():
+    block = Block(DIM, HEADS, use_rel_pos=True, rel_pos_zero_init=False, window_size=5)
+    x = torch.randn(2, 5, 5, DIM)
+    expected = block(x)
+    block.attn = SecAttention(block.attn, group_size=25, rel_pos_mode="clamp")
+    block.window_size = 0
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_groups, size", [(3, (6, 7)), (5, (4, 4))])
+def test_groups_match_per_group_loop_with_detectron2_rel_pos(num_groups, size):
+    attn = make_attention(size)
+    x = torch.randn(2, *size, DIM)
+    expected = reference_sec_attention(attn, x, num_groups, detectron2_bias(attn, *size))
+    got = SecAttention(attn, num_groups=num_groups)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_window_groups_with_clamped_rel_pos_match_loop():
+    attn = make_attention((3, 3))  # tables for offsets -2..2 on a 7x6 image
+    x = torch.randn(1, 7, 6, DIM)
+    expected = reference_sec_attention(attn, x, 5, clamped_bias(attn, 7, 6))  # ceil(42 / 9)
+    got = SecAttention(attn, group_size=9, rel_pos_mode="clamp")(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def small_vit() -> ViT:
+    return ViT(
+        img_size=64, patch_size=8, embed_dim=DIM, depth=4, num_heads=HEADS, window_size=4,
+        window_block_indexes=[0, 2], use_rel_pos=True, rel_pos_zero_init=False,
+    )
+
+
+def test_apply_sec_keeps_parameters_and_loads_vitdet_weights():
+    vit = small_vit().eval()
+    state = vit.state_dict()
+    x = torch.randn(1, 3, 64, 64)
+    before = vit(x)["last_feat"]
+    apply_sec(vit, windowed=True, global_groups=2)
+    assert [type(b.attn) for b in vit.blocks] == [SecAttention] * 4
+    assert [b.attn.group_size for b in vit.blocks] == [16, 0, 16, 0]
+    assert [b.attn.num_groups for b in vit.blocks] == [0, 2, 0, 2]
+    assert list(vit.state_dict()) == list(state)
+    vit.load_state_dict(state)
+    after = vit(x)["last_feat"]
+    assert after.shape == before.shape and not torch.allclose(after, before)
+    after.sum().backward()
+    assert vit.blocks[0].attn.rel_pos_h.grad.abs().sum() > 0
+
+
+def test_apply_sec_leaves_unselected_and_one_group_blocks():
+    vit = apply_sec(small_vit(), windowed=False, global_groups=1)
+    assert all(type(b.attn) is Attention for b in vit.blocks)
+    vit = apply_sec(small_vit(), windowed=True, global_groups=3, blocks=[1, 2])
+    assert [type(b.attn).__name__ for b in vit.blocks] == [
+        "Attention", "SecAttention", "SecAttention", "Attention"
+    ]
+    assert [b.window_size for b in vit.blocks] == [4, 0, 0, 0]
+
+
+def sec_cfg(**keys):
+    cfg = get_cfg()
+    add_atc_det_config(cfg)
+    for key, value in keys.items():
+        setattr(cfg.MODEL.SEC, key, value)
+    return cfg
+
+
+def test_apply_sec_from_cfg_and_errors_name_the_key():
+    vit = apply_sec_from_cfg(small_vit(), sec_cfg(GLOBAL_GROUPS=2, BLOCKS=[0, 1]))
+    assert [type(b.attn).__name__ for b in vit.blocks[:3]] == ["SecAttention"] * 2 + ["Attention"]
+    for keys, name in [
+        ({"GLOBAL_GROUPS": 0}, "MODEL.SEC.GLOBAL_GROUPS"),
+        ({"BLOCKS": [1, 4]}, "MODEL.SEC.BLOCKS"),
+        ({"WINDOWED": 1}, "MODEL.SEC.WINDOWED"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            apply_sec_from_cfg(small_vit(), sec_cfg(**keys))
+    with pytest.raises(TypeError, match="ViT"):
+        apply_sec(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="num_groups"):
+        SecAttention(make_attention((2, 2)), num_groups=5)(torch.randn(1, 2, 2, DIM))
