@@ -1,0 +1,269 @@
+"""Agglomerative token clustering (ATC): exact, batched, pure functions on tensors.
+
+The dendrogram is built with batched reciprocal-nearest-neighbour (RNN) rounds: in every round
+each cluster finds its nearest neighbour, and all mutual nearest-neighbour pairs of all samples
+merge at once, with Lance-Williams updates of a ``[B, n, n]`` distance matrix that is compacted
+to the surviving clusters after each round. For the reducible linkages supported here (single,
+complete, average) every such merge is a merge of the exact greedy dendrogram, so the result
+equals SciPy's ``linkage`` + ``fcluster`` (up to relabelling and ties). There is no Python loop
+over merges and one host synchronisation per round (the compacted size); the number of rounds
+is about ``log N`` on real data and at most ``N - 1``.
+
+Rules (both deterministic):
+
+* Nearest neighbours: among clusters at equal distance, cluster ``i`` picks the ``j`` whose rank
+  XOR ``i``'s rank is smallest (clusters ranked by first member). The rule is symmetric, so
+  groups of identical tokens pair up in parallel rounds instead of one merge per round.
+* Static stopping (``num_clusters=K``): the ``N - K`` lowest merges of the dendrogram are kept,
+  ordered by (height, round, first member of the absorbed cluster). Merge heights are made
+  monotone (a merge is never recorded lower than the merges that formed its two clusters), so
+  the kept merges always form a valid partial dendrogram with exactly ``K`` clusters, also where
+  SciPy's ``fcluster(criterion="maxclust")`` returns fewer because of tied heights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+LINKAGES = ("single", "complete", "average")
+_HALF = (torch.float16, torch.bfloat16)
+_NO_TIE = torch.iinfo(torch.int32).max
+
+
+def cosine_distances(metric: Tensor) -> Tensor:
+    """Cosine distance ``1 - cos`` between tokens: [B, N, C] -> [B, N, N], symmetric, diagonal 0.
+
+    Zero vectors have distance 1 to every other token.
+    """
+    unit = torch.nn.functional.normalize(metric, dim=-1)
+    upper = torch.triu(1.0 - unit @ unit.mT, diagonal=1).clamp_min_(0.0)
+    return upper + upper.mT
+
+
+def check_tokens(metric: Tensor, num_clusters: int | None, valid: Tensor | None, protected: int,
+                 name: str = "metric") -> None:
+    """Raise one clear error for a bad [B, N, C] ``metric``, ``valid`` mask, ``protected`` or K."""
+    if not isinstance(metric, Tensor) or metric.dim() != 3 or not metric.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point [B, N, C] tensor, got "
+                        f"{type(metric).__name__} {getattr(metric, 'shape', '')}")
+    if not bool(torch.isfinite(metric).all()):
+        raise ValueError(f"{name} contains NaN or Inf values; clean the features first")
+    batch, num_tokens = metric.shape[:2]
+    if num_tokens < 1:
+        raise ValueError(f"{name} must hold at least one token per sample, got N = 0")
+    if isinstance(protected, bool) or not isinstance(protected, int) or not 0 <= protected <= num_tokens:
+        raise ValueError(f"protected must be an int in 0..N = 0..{num_tokens}, got {protected!r}")
+    if valid is not None:
+        if not isinstance(valid, Tensor) or valid.dtype != torch.bool or valid.shape != (batch, num_tokens):
+            raise TypeError(f"valid must be a bool tensor of shape [B, N] = [{batch}, {num_tokens}], "
+                            f"got {getattr(valid, 'dtype', type(valid).__name__)} "
+                            f"{tuple(getattr(valid, 'shape', ()))}")
+    if num_clusters is None:
+        return
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int):
+        raise TypeError(f"num_clusters must be an int, got {type(num_clusters).__name__}")
+    fewest = int(min_clusters(num_tokens, valid, protected).max()) if batch else 1
+    if not fewest <= num_clusters <= num_tokens:
+        raise ValueError(
+            f"num_clusters must lie in {fewest}..{num_tokens} (the number of tokens N; at least 1, "
+            f"plus one per protected token and one for the invalid tokens of a sample), "
+            f"got {num_clusters}")
+
+
+def token_groups(batch: int, num_tokens: int, valid: Tensor | None, protected: int,
+                 device: torch.device) -> Tensor:
+    """Group id of each token, [B, N] int64: tokens may only share a cluster within one group.
+
+    Valid tokens are group 0, invalid tokens group 1, protected token ``p`` group ``2 + p``.
+    """
+    groups = torch.zeros(batch, num_tokens, dtype=torch.long, device=device)
+    if valid is not None:
+        groups = (~valid).long()
+    index = torch.arange(num_tokens, device=device)
+    return torch.where(index < protected, 2 + index, groups)
+
+
+def min_clusters(num_tokens: int, valid: Tensor | None, protected: int) -> Tensor:
+    """Fewest clusters each sample can have, [B]: one per protected token and per other group."""
+    if valid is None:
+        return torch.tensor([protected + int(num_tokens > protected)])
+    free = valid[:, protected:]
+    return protected + free.any(-1).long() + (~free).any(-1).long()
+
+
+def first_member_labels(parent: Tensor) -> Tensor:
+    """Labels from a forest with ``parent[b, i] <= i``: [B, N] -> [B, N] int64 in 0..K-1.
+
+    Clusters are numbered in the order of their first (lowest-index) member.
+    """
+    index = torch.arange(parent.shape[-1], device=parent.device)
+    for _ in range(max(1, math.ceil(math.log2(max(parent.shape[-1], 2))))):
+        parent = parent.gather(-1, parent)
+    is_root = parent == index
+    return (is_root.long().cumsum(-1) - 1).gather(-1, parent)
+
+
+def relabel_by_first_member(labels: Tensor) -> Tensor:
+    """Renumber arbitrary cluster ids [B, N] (values in 0..N-1) by each cluster's first member."""
+    index = torch.arange(labels.shape[-1], device=labels.device).expand_as(labels)
+    first = torch.full_like(labels, labels.shape[-1]).scatter_reduce(-1, labels, index, "amin")
+    return first_member_labels(first.gather(-1, labels))
+
+
+def _combine(linkage: str, a: Tensor, b: Tensor, weight_a: Tensor, weight_b: Tensor) -> Tensor:
+    """Lance-Williams distance to the union of two clusters from the distances to each, in place."""
+    if linkage == "single":
+        return torch.minimum(a, b, out=a)
+    if linkage == "complete":
+        return torch.maximum(a, b, out=a)
+    return a.mul_(weight_a).add_(b.mul_(weight_b))
+
+
+def _xor_ranks(size: int, device: torch.device) -> Tensor:
+    rank = torch.arange(size, device=device, dtype=torch.int32)
+    return rank[:, None] ^ rank[None, :]
+
+
+def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: float | None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """Batched RNN rounds on ``dist`` [B, N, N] (+inf: never merge, including the diagonal).
+
+    Returns, per token ``j`` that is the first member of an absorbed cluster: the first member of
+    the cluster it merged into, the (monotone) merge height and the round, each [B, N]; tokens
+    never absorbed have themselves, +inf and a round past the last. Stops as soon as every later
+    merge would sort after the ``num_merges`` lowest ones, or lie above ``threshold``.
+    """
+    batch, num_tokens, _ = dist.shape
+    device, dtype = dist.device, dist.dtype
+    inf = torch.tensor(float("inf"), dtype=dtype, device=device)
+    # One extra all-+inf "sentinel" row and column: compaction pads every sample with it.
+    dist = torch.nn.functional.pad(dist, (0, 1, 0, 1), value=float("inf"))
+    xor_ranks = _xor_ranks(num_tokens + 1, device)
+    first = torch.arange(num_tokens + 1, device=device).expand(batch, -1)  # sentinel: N
+    size = torch.ones(batch, num_tokens + 1, dtype=dtype, device=device)
+    own_height = torch.full((batch, num_tokens + 1), -float("inf"), dtype=dtype, device=device)
+    parent = torch.arange(num_tokens + 1, device=device).repeat(batch, 1)  # slot N: discarded
+    height = torch.full((batch, num_tokens + 1), float("inf"), dtype=dtype, device=device)
+    never = num_tokens
+    merge_round = torch.full((batch, num_tokens + 1), never, dtype=torch.long, device=device)
+    for round_index in range(num_tokens):
+        n = dist.shape[-1]
+        rank = torch.arange(n, device=device)
+        nearest_dist = dist.amin(-1)  # [B, n]
+        lowest_open = nearest_dist.amin(-1, keepdim=True)  # no later merge lies below this
+        if threshold is not None:
+            done = lowest_open > threshold
+        else:
+            done = (height[:, :num_tokens] <= lowest_open).sum(-1, keepdim=True) >= num_merges
+        if bool((done | torch.isinf(lowest_open)).all()):
+            break
+        tie_key = torch.where(dist == nearest_dist[..., None], xor_ranks[:n, :n], _NO_TIE)
+        nearest = rank ^ tie_key.amin(-1)  # sentinel / isolated rows point at themselves
+        mutual = (nearest.gather(1, nearest) == rank) & (nearest != rank)
+        absorbed = mutual & (nearest < rank)
+        merge_height = torch.maximum(nearest_dist, torch.maximum(own_height, own_height.gather(1, nearest)))
+        slot = torch.where(absorbed, first, num_tokens)
+        parent.scatter_(1, slot, first.gather(1, nearest))
+        height.scatter_(1, slot, merge_height)
+        merge_round.scatter_(1, slot, round_index)
+
+        survivor = ~absorbed & (first < num_tokens)
+        keep = torch.sort(torch.where(survivor, rank, n - 1), dim=-1).values
+        m = int(survivor.sum(-1).max())
+        keep = torch.cat([keep[:, :m], keep.new_full((batch, 1), n - 1)], dim=1)  # [B, m + 1]
+        partner = torch.where(mutual, nearest, rank).gather(1, keep)
+        size_a, size_b = size.gather(1, keep), size.gather(1, partner)
+        weight_a = size_a / (size_a + size_b)
+        rows = torch.stack([keep, partner], 0)[..., None].expand(-1, -1, -1, n)
+        rows_a, rows_b = dist.gather(1, rows[0]), dist.gather(1, rows[1])  # [B, m + 1, n]
+        upd = _combine(linkage, rows_a, rows_b, weight_a[..., None], (1 - weight_a)[..., None])
+        cols = torch.stack([keep, partner], 0)[:, :, None, :].expand(-1, -1, m + 1, -1)
+        cols_a, cols_b = upd.gather(2, cols[0]), upd.gather(2, cols[1])  # [B, m + 1, m + 1]
+        dist = _combine(linkage, cols_a, cols_b, weight_a[:, None, :], (1 - weight_a)[:, None, :])
+        dist.diagonal(dim1=1, dim2=2).fill_(inf)
+
+        merged = partner != keep
+        size = size_a + torch.where(merged, size_b, 0)
+        own_height = torch.where(merged, merge_height.gather(1, keep), own_height.gather(1, keep))
+        first = first.gather(1, keep)
+    return parent[:, :num_tokens], height[:, :num_tokens], merge_round[:, :num_tokens]
+
+
+def _lowest_merges(height: Tensor, merge_round: Tensor, num_merges: int) -> Tensor:
+    """Mask [B, N] of the ``num_merges`` lowest merges, by (height, round, absorbed index)."""
+    order = torch.sort(merge_round, dim=-1, stable=True).indices
+    order = order.gather(-1, torch.sort(height.gather(-1, order), dim=-1, stable=True).indices)
+    keep = torch.zeros_like(height, dtype=torch.bool)
+    return keep.scatter_(-1, order[:, :num_merges], True)
+
+
+def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | None = None,
+                             linkage: str = "average", *, distances: Tensor | None = None,
+                             threshold: float | None = None, valid: Tensor | None = None,
+                             protected: int = 0) -> Tensor:
+    """Exact agglomerative clustering of each sample's tokens -> [B, N] int64 labels.
+
+    Args:
+        metric: [B, N, C] token features, compared by cosine distance. Give this or ``distances``.
+        num_clusters: K, static stopping: exactly K clusters per sample (labels 0..K-1).
+        linkage: "single", "complete" or "average" (unweighted, by token count).
+        distances: [B, N, N] precomputed symmetric finite distances (upper triangle is used).
+        threshold: dynamic stopping instead of K: keep every merge whose linkage distance is at
+            most ``threshold`` (like ``fcluster(criterion="distance")``); K varies per sample.
+        valid: [B, N] bool. Invalid tokens (e.g. window padding) cluster only among themselves,
+            with the same linkage; a valid and an invalid token never share a cluster.
+        protected: the first ``protected`` tokens (e.g. a class token) stay singleton clusters.
+
+    K counts ALL clusters of a sample: protected singletons, clusters of valid tokens and clusters
+    of invalid tokens, so every sample has exactly K labels and windows batch. The merges taken
+    are the N - K lowest over all groups (identical padding tokens, at distance 0, merge first).
+    K must be at most N and at least ``protected`` + 1 per non-empty group (valid, invalid).
+
+    Labels are numbered by first member: the cluster holding the lowest token index is 0, etc.
+    """
+    if (metric is None) == (distances is None):
+        raise ValueError("give exactly one of metric ([B, N, C] features) or distances ([B, N, N])")
+    if (num_clusters is None) == (threshold is None):
+        raise ValueError("give exactly one of num_clusters (static K) or threshold (dynamic)")
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and threshold >= 0):
+        raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
+    if distances is not None:
+        if not isinstance(distances, Tensor) or distances.dim() != 3 or \
+                distances.shape[1] != distances.shape[2]:
+            raise TypeError(f"distances must be a [B, N, N] tensor, got "
+                            f"{tuple(getattr(distances, 'shape', ()))}")
+        check_tokens(distances, num_clusters, valid, protected, name="distances")
+        if not torch.allclose(distances, distances.mT, rtol=1e-5, atol=1e-6):
+            raise ValueError("distances must be symmetric ([B, N, N] with D[b, i, j] == D[b, j, i])")
+        upper = torch.triu(distances, diagonal=1)
+        dist = upper + upper.mT
+    else:
+        check_tokens(metric, num_clusters, valid, protected)
+        dist = cosine_distances(metric.float() if metric.dtype in _HALF else metric)
+    if dist.dtype in _HALF:
+        dist = dist.float()
+    batch, num_tokens = dist.shape[:2]
+    groups = token_groups(batch, num_tokens, valid, protected, dist.device)
+    dist = dist.masked_fill(groups[:, :, None] != groups[:, None, :], float("inf"))
+    dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+
+    num_merges = None if num_clusters is None else num_tokens - num_clusters
+    parent, height, merge_round = _dendrogram(dist, linkage, num_merges, threshold)
+    if threshold is not None:
+        kept = height <= threshold
+    else:
+        kept = _lowest_merges(height, merge_round, num_merges)
+    index = torch.arange(num_tokens, device=dist.device)
+    return first_member_labels(torch.where(kept, parent, index))
+
+
+CLUSTERING_METHODS: dict[str, Callable[..., Tensor]] = {"atc": agglomerative_clustering}
+
+# The baselines import the helpers above and register themselves in CLUSTERING_METHODS.
+import atc_det.baselines  # noqa: E402,F401
