@@ -1,1 +1,4 @@
 """Detectron2 adapters: the ViTDet backbone builder and ATC / SEC patches for ViT."""
+from .atc_vit import apply_atc, apply_atc_from_cfg, collect_source_maps
+
+__all__ = ["apply_atc", "apply_atc_from_cfg", "collect_source_maps"]

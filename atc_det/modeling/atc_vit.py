@@ -1,0 +1,420 @@
+"""Token clustering (ATC and baselines) inside the blocks of Detectron2's ViTDet ``ViT``.
+
+``apply_atc(vit, ...)`` swaps the class of selected ``detectron2.modeling.backbone.vit.Block``
+modules for :class:`ATCBlock` (no new parameters, so parameter names and checkpoints are
+Detectron2's). A reduced block, on ``x`` [B, H, W, C]:
+
+1. splits the tokens into clustering groups: the block's attention windows (windowed blocks), the
+   same 14x14 windows (global blocks, ``scope="window"``) or the whole image (``scope="image"``);
+   window padding is marked invalid and never joins a real token's cluster;
+2. clusters every group into the same number K of clusters in one batched call, on the attention
+   keys (heads averaged) or on the normalised input of the block;
+3. runs attention + MLP on the size-weighted mean tokens, with proportional attention
+   (+ log cluster size on the logits) and decomposed relative positions evaluated at the clusters'
+   centroids by linear interpolation (exact at integer positions; see ``docs/atc_vitdet.md``);
+   in a global block the cluster tokens of all windows of an image attend to each other;
+4. scatters each cluster's residual update back to its members, so the block returns the dense
+   [B, H, W, C] map that the next block and ``SimpleFeaturePyramid`` expect.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from detectron2.modeling.backbone.utils import window_partition, window_unpartition
+from detectron2.modeling.backbone.vit import Attention, Block, ViT
+
+from atc_det.clustering import CLUSTERING_METHODS
+from atc_det.merge import attention_size_bias, merge_tokens, unmerge_tokens
+
+__all__ = ["ATCBlock", "ATCSettings", "apply_atc", "apply_atc_from_cfg", "collect_source_maps"]
+
+LINKAGES = ("single", "complete", "average")
+METHODS = ("atc", "tome", "kmedoids", "dpcknn", "random")
+METRICS = ("keys", "input")
+SCOPES = ("window", "image")
+
+
+@dataclass
+class ATCSettings:
+    """How one block clusters its tokens (see :func:`apply_atc` for the meaning of each field)."""
+
+    keep_rate: float
+    method: str = "atc"
+    linkage: str = "average"
+    metric: str = "keys"
+    prop_attn: bool = True
+    scope: str = "window"
+    window_size: int = 14
+    threshold: float | None = None
+    record_source: bool = False
+    method_kwargs: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure tensor helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def coordinate_grid(height: int, width: int, like: Tensor) -> Tensor:
+    """(row, col) of every position of a height x width grid: [height, width, 2]."""
+    rows = torch.arange(height, device=like.device, dtype=like.dtype)
+    cols = torch.arange(width, device=like.device, dtype=like.dtype)
+    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
+
+
+def group_tokens(x: Tensor, window_size: int) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+    """Split a [B, H, W, C] map into windows of ``window_size`` x ``window_size`` tokens.
+
+    Returns tokens [B * nW, S, C] (S = window_size**2, zero padded as in Detectron2), ``valid``
+    [B * nW, S] (False on padding), image coordinates (row, col) [B * nW, S, 2] and the padded
+    size (Hp, Wp). ``window_size`` 0 means one group per image (no padding).
+    """
+    B, H, W, C = x.shape
+    if window_size == 0:
+        valid = torch.ones(B, H * W, dtype=torch.bool, device=x.device)
+        coords = coordinate_grid(H, W, x).reshape(1, H * W, 2).expand(B, -1, -1)
+        return x.reshape(B, H * W, C), valid, coords, (H, W)
+    S = window_size * window_size
+    tokens, (Hp, Wp) = window_partition(x, window_size)
+    # Padded positions continue the grid (windowed rel-pos sees them, as in Detectron2).
+    grid = torch.cat([coordinate_grid(Hp, Wp, x), x.new_zeros(Hp, Wp, 1)], -1)
+    grid[:H, :W, 2] = 1
+    grid, _ = window_partition(grid[None], window_size)
+    num_windows = grid.shape[0]
+    grid = grid.reshape(1, num_windows, S, 3).expand(B, -1, -1, -1).reshape(B * num_windows, S, 3)
+    return tokens.reshape(-1, S, C), grid[..., 2] > 0, grid[..., :2], (Hp, Wp)
+
+
+def ungroup_tokens(
+    tokens: Tensor, window_size: int, pad_hw: tuple[int, int], hw: tuple[int, int]
+) -> Tensor:
+    """Inverse of :func:`group_tokens`: [B * nW, S, C] -> [B, H, W, C] (padding dropped)."""
+    H, W = hw
+    C = tokens.shape[-1]
+    if window_size == 0:
+        return tokens.reshape(-1, H, W, C)
+    windows = tokens.reshape(-1, window_size, window_size, C)
+    return window_unpartition(windows, window_size, pad_hw, hw)
+
+
+def resized_rel_pos_table(rel_pos: Tensor, size: int) -> Tensor:
+    """Relative-position table [L, D] resized to the 2 * size - 1 offsets of a ``size`` axis.
+
+    Same linear resize as Detectron2's ``get_rel_pos`` (offset o sits at row o + size - 1).
+    """
+    length = 2 * size - 1
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    resized = F.interpolate(rel_pos.t()[None], size=length, mode="linear")
+    return resized[0].t()
+
+
+def interpolation_weights(coord: Tensor, size: int) -> Tensor:
+    """Linear-interpolation weights of fractional positions on a grid 0..size-1.
+
+    coord [...] -> [..., size]; a weight is max(0, 1 - |coord - r|), i.e. one-hot at integers.
+    """
+    grid = torch.arange(size, device=coord.device, dtype=coord.dtype)
+    return (1 - (coord[..., None] - grid).abs()).clamp(min=0)
+
+
+def query_rel_pos_terms(q: Tensor, coord: Tensor, table: Tensor, size: int) -> Tensor:
+    """Per-query relative-position logits towards every grid line of one axis.
+
+    q [G, h, T, D] (unscaled queries), coord [G, T] fractional query coordinate, table
+    [2 * size - 1, D] -> [G, h, T, size]: entry r is q . table(coord - r), linearly
+    interpolated in the offset (exact for integer coordinates).
+    """
+    length = table.shape[0]
+    proj = q @ table.t()  # [G, h, T, L]
+    offset = coord[:, :, None] - torch.arange(size, device=q.device, dtype=q.dtype) + (size - 1)
+    low = offset.floor().clamp(0, max(length - 2, 0))
+    frac = (offset - low)[:, None]
+    low = low.long()[:, None].expand(-1, q.shape[1], -1, -1)
+    high = (low + 1).clamp(max=length - 1)
+    return proj.gather(-1, low) * (1 - frac) + proj.gather(-1, high) * frac
+
+
+def cluster_attention(
+    attn: Attention, tokens: Tensor, coords: Tensor, key_bias: Tensor, grid: tuple[int, int]
+) -> Tensor:
+    """Detectron2 ``Attention`` over (cluster) tokens at fractional positions.
+
+    tokens [G, T, C] (already normalised), coords [G, T, 2] (row, col) on a ``grid`` = (rows,
+    cols) lattice, key_bias [G, T] added to the logits of each key (log size, -inf to mask).
+    Relative positions: logit(i, j) += q_i . Rh(r_i - r_j) + q_i . Rw(c_i - c_j) with both
+    positions linearly interpolated; this equals Detectron2's term at integer positions.
+    Returns [G, T, C].
+    """
+    G, T, C = tokens.shape
+    heads = attn.num_heads
+    q, k, v = attn.qkv(tokens).reshape(G, T, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    scaled_q = q * attn.scale
+    if attn.use_rel_pos:
+        rows, cols = grid
+        table_h = resized_rel_pos_table(attn.rel_pos_h, rows)
+        table_w = resized_rel_pos_table(attn.rel_pos_w, cols)
+        # Bilinear form: [q*s, Qh, Qw] . [k, Mh, Mw] adds both rel-pos terms in one matmul.
+        scaled_q = torch.cat(
+            [
+                scaled_q,
+                query_rel_pos_terms(q, coords[..., 0], table_h, rows),
+                query_rel_pos_terms(q, coords[..., 1], table_w, cols),
+            ],
+            dim=-1,
+        )
+        key_weights = torch.cat(
+            [interpolation_weights(coords[..., 0], rows), interpolation_weights(coords[..., 1], cols)],
+            dim=-1,
+        )
+        k = torch.cat([k, key_weights[:, None].expand(-1, heads, -1, -1)], dim=-1)
+    logits = scaled_q @ k.transpose(-2, -1) + key_bias[:, None, None, :]
+    out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(G, T, C)
+    return attn.proj(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The patched block
+# ---------------------------------------------------------------------------------------------
+
+
+class ATCBlock(Block):
+    """A Detectron2 ViT ``Block`` whose attention and MLP run on clustered tokens.
+
+    Created only by :func:`apply_atc` (class swap); ``self._atc`` holds its :class:`ATCSettings`.
+    """
+
+    _atc: ATCSettings
+    _atc_source_map: Tensor | None
+
+    def _cluster_metric(self, normed: Tensor) -> Tensor:
+        """[G, S, C] normalised tokens -> [G, S, D] clustering features."""
+        if self._atc.metric == "input":
+            return normed
+        C = normed.shape[-1]
+        keys = F.linear(
+            normed,
+            self.attn.qkv.weight[C : 2 * C],
+            None if self.attn.qkv.bias is None else self.attn.qkv.bias[C : 2 * C],
+        )
+        return keys.reshape(*keys.shape[:-1], self.attn.num_heads, -1).mean(dim=-2)
+
+    def _cluster(self, normed: Tensor, valid: Tensor) -> tuple[Tensor, int]:
+        """Labels [G, S] and the number of cluster slots K per group."""
+        s = self._atc
+        G, S, _ = normed.shape
+        if s.threshold is None:
+            # At least one cluster for the real tokens and one for the padding (if any).
+            num_clusters = max(1 + int(not bool(valid[0].all())), round(s.keep_rate * S))
+            if num_clusters == S:
+                labels = torch.arange(S, device=normed.device).expand(G, S)
+                return labels, S
+        else:
+            num_clusters = None
+        with torch.no_grad():
+            # Identical padding features: the padding of a window merges into one cluster first.
+            metric = self._cluster_metric(normed).masked_fill(~valid[..., None], 1.0)
+            kwargs = dict(s.method_kwargs)
+            if s.threshold is not None:
+                kwargs["threshold"] = s.threshold
+            labels = CLUSTERING_METHODS[s.method](metric, num_clusters, valid=valid, **kwargs)
+        if num_clusters is None:
+            num_clusters = int(labels.max()) + 1
+        return labels, num_clusters
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self._atc
+        B, H, W, C = x.shape
+        windowed = self.window_size > 0
+        group = self.window_size if windowed else (s.window_size if s.scope == "window" else 0)
+        tokens, valid, coords, pad_hw = group_tokens(x, group)
+        normed = self.norm1(tokens) * valid[..., None]  # padding enters attention as zeros
+        labels, K = self._cluster(normed, valid)
+
+        merged, size = merge_tokens(tokens, labels, K)
+        extra, _ = merge_tokens(torch.cat([coords, valid[..., None].to(x.dtype)], -1), labels, K)
+        centroids, real = extra[..., :2], extra[..., 2] > 0
+        if windowed:
+            # Coordinates inside the window; padding clusters stay keys, as in Detectron2.
+            centroids = centroids - coords[:, :1]
+            grid = (self.window_size, self.window_size)
+            attend = size > 0
+        else:
+            # All windows of an image attend to each other; padding clusters are masked.
+            grid = (H, W)
+            attend = real
+        key_bias = attention_size_bias(size)[:, 0, 0] if s.prop_attn else torch.zeros_like(size)
+        key_bias = key_bias.masked_fill(~attend, float("-inf"))
+
+        normed_merged = self.norm1(merged) * real[..., None]
+        if not windowed:
+            normed_merged = normed_merged.reshape(B, -1, C)
+            centroids, key_bias = centroids.reshape(B, -1, 2), key_bias.reshape(B, -1)
+        update = self.drop_path(cluster_attention(self.attn, normed_merged, centroids, key_bias, grid))
+        update = update.reshape(merged.shape)
+        mlp_out = self.mlp(self.norm2(merged + update)).reshape(B, -1, C)
+        update = update + self.drop_path(mlp_out).reshape(merged.shape)
+
+        x = x + ungroup_tokens(unmerge_tokens(update, labels), group, pad_hw, (H, W))
+        if self.use_residual_block:
+            x = self.residual(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if s.record_source:
+            offsets = torch.arange(labels.shape[0], device=x.device) % (labels.shape[0] // B) * K
+            ids = (labels + offsets[:, None])[..., None].to(x.dtype)
+            self._atc_source_map = ungroup_tokens(ids, group, pad_hw, (H, W))[..., 0].long()
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def _checked_settings(
+    num_blocks: int,
+    keep_rate: float | Sequence[float],
+    linkage: str,
+    blocks: Sequence[int] | None,
+    method: str,
+    metric: str,
+    scope: str,
+    threshold: float | None,
+) -> tuple[list[int], list[float]]:
+    """Validate :func:`apply_atc` arguments; returns (block indexes, keep rate per block)."""
+    if method not in METHODS:
+        raise ValueError(f"method (MODEL.ATC.METHOD) must be one of {METHODS}, got {method!r}")
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage (MODEL.ATC.LINKAGE) must be one of {LINKAGES}, got {linkage!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric (MODEL.ATC.METRIC) must be one of {METRICS}, got {metric!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope (MODEL.ATC.SCOPE) must be one of {SCOPES}, got {scope!r}")
+    if threshold is not None and method != "atc":
+        raise ValueError(
+            f"threshold (MODEL.ATC.THRESHOLD) needs method 'atc', got {method!r}; "
+            "set MODEL.ATC.THRESHOLD < 0 to use the keep rate"
+        )
+    blocks = list(range(1, num_blocks)) if blocks is None else [int(b) for b in blocks]
+    bad = [b for b in blocks if not 0 <= b < num_blocks]
+    if bad or len(set(blocks)) != len(blocks):
+        raise ValueError(
+            f"blocks (MODEL.ATC.BLOCKS) must be distinct indexes in [0, {num_blocks}), got {blocks}"
+        )
+    rates = [keep_rate] if isinstance(keep_rate, (int, float)) else list(keep_rate)
+    if len(rates) == 1:
+        rates = rates * len(blocks)
+    if len(rates) != len(blocks):
+        raise ValueError(
+            f"keep_rate (MODEL.ATC.KEEP_RATE) needs 1 value or one per block ({len(blocks)}), "
+            f"got {len(rates)}"
+        )
+    for rate in rates:
+        if not (isinstance(rate, (int, float)) and 0 < rate <= 1):
+            raise ValueError(
+                f"keep_rate (MODEL.ATC.KEEP_RATE) is the fraction of tokens kept and must be in "
+                f"(0, 1], got {rate!r}"
+            )
+    return blocks, [float(r) for r in rates]
+
+
+def apply_atc(
+    vit: ViT,
+    keep_rate: float | Sequence[float] = 0.5,
+    linkage: str = "average",
+    blocks: Sequence[int] | None = None,
+    *,
+    method: str = "atc",
+    metric: str = "keys",
+    prop_attn: bool = True,
+    scope: str = "window",
+    threshold: float | None = None,
+) -> ViT:
+    """Make selected blocks of a built Detectron2 ``ViT`` cluster their tokens (in place).
+
+    Args:
+        vit: ``detectron2.modeling.ViT`` (e.g. ``model.backbone.net`` of a ViTDet model).
+        keep_rate: fraction of tokens kept as clusters, in (0, 1]; one value or one per block.
+        linkage: "single", "complete" or "average" (used by method "atc").
+        blocks: indexes of the blocks to reduce (default: all but the first).
+        method: "atc" or a baseline: "tome", "kmedoids", "dpcknn", "random".
+        metric: "keys" (attention keys of the block's normalised input, heads averaged) or
+            "input" (the normalised input).
+        prop_attn: add log(cluster size) to the attention logits.
+        scope: "window": cluster each 14x14 window (the attention window in windowed blocks) with
+            the same K; "image": global blocks cluster the whole image (windowed blocks always
+            cluster per attention window).
+        threshold: dynamic ATC stopping (merge while the linkage distance <= threshold) instead of
+            a keep rate; None uses ``keep_rate``.
+    Returns ``vit``, whose parameters and their names are unchanged.
+    """
+    if not isinstance(vit, ViT):
+        raise TypeError(f"apply_atc needs a detectron2.modeling.ViT, got {type(vit).__name__}")
+    block_ids, rates = _checked_settings(
+        len(vit.blocks), keep_rate, linkage, blocks, method, metric, scope, threshold
+    )
+    window_sizes = [b.window_size for b in vit.blocks if b.window_size > 0]
+    window_size = window_sizes[0] if window_sizes else 14
+    method_kwargs = {"linkage": linkage} if method == "atc" else {}
+    for index, rate in zip(block_ids, rates):
+        block = vit.blocks[index]
+        if not isinstance(block, Block):
+            raise TypeError(
+                f"vit.blocks[{index}] is a {type(block).__name__}, not a Detectron2 ViT Block "
+                "(activation checkpointing wrappers are not supported)"
+            )
+        block.__class__ = ATCBlock
+        block._atc = ATCSettings(
+            keep_rate=rate,
+            method=method,
+            linkage=linkage,
+            metric=metric,
+            prop_attn=prop_attn,
+            scope=scope,
+            window_size=window_size,
+            threshold=threshold,
+            method_kwargs=method_kwargs,
+        )
+        block._atc_source_map = None
+    return vit
+
+
+def apply_atc_from_cfg(vit: ViT, cfg) -> ViT:
+    """:func:`apply_atc` with the ``MODEL.ATC.*`` keys of a Detectron2 config (see config.py)."""
+    atc = cfg.MODEL.ATC
+    keep = atc.KEEP_RATE
+    keep = [keep] if isinstance(keep, (int, float)) else list(keep)
+    return apply_atc(
+        vit,
+        keep_rate=keep,
+        linkage=atc.LINKAGE,
+        blocks=list(atc.BLOCKS),
+        method=atc.METHOD,
+        metric=atc.METRIC,
+        prop_attn=bool(atc.PROP_ATTN),
+        scope=atc.SCOPE,
+        threshold=None if atc.THRESHOLD < 0 else float(atc.THRESHOLD),
+    )
+
+
+@torch.no_grad()
+def collect_source_maps(vit: ViT, images: Tensor) -> dict[int, Tensor]:
+    """Cluster id of every patch in each reduced block: {block index: LongTensor [B, H, W]}.
+
+    ``images`` [B, 3, H, W] is the normalised input of ``vit``. Ids are unique within an image
+    (window index * K + label in window scope).
+    """
+    reduced = {i: b for i, b in enumerate(vit.blocks) if isinstance(b, ATCBlock)}
+    for block in reduced.values():
+        block._atc.record_source = True
+    try:
+        vit(images)
+        return {i: b._atc_source_map for i, b in reduced.items()}
+    finally:
+        for block in reduced.values():
+            block._atc.record_source = False
+            block._atc_source_map = None

@@ -1,0 +1,175 @@
+"""ATC inside Detectron2's ViT, checked against Detectron2's own (unpatched) ViT."""
+import copy
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import ViT
+
+from atc_det.clustering import CLUSTERING_METHODS
+from atc_det.config import add_atc_det_config
+from atc_det.modeling import apply_atc, apply_atc_from_cfg, collect_source_maps
+
+SHAPES = [(2, 224, 224), (2, 200, 312), (1, 96, 96), (1, 16, 48)]
+
+
+def small_vit(**overrides) -> ViT:
+    """A small ViTDet ViT (windows 14, global blocks 1 and 3) with non-zero rel-pos tables."""
+    torch.manual_seed(0)
+    kwargs = dict(
+        img_size=224,
+        patch_size=16,
+        embed_dim=64,
+        depth=4,
+        num_heads=4,
+        window_size=14,
+        window_block_indexes=[0, 2],
+        use_rel_pos=True,
+        rel_pos_zero_init=False,
+        drop_path_rate=0.1,
+    )
+    kwargs.update(overrides)
+    vit = ViT(**kwargs).eval()
+    with torch.no_grad():
+        for block in vit.blocks:  # rel-pos large enough to matter
+            if block.attn.use_rel_pos:
+                block.attn.rel_pos_h.normal_(std=0.5)
+                block.attn.rel_pos_w.normal_(std=0.5)
+    return vit
+
+
+def features(vit: ViT, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return vit(images)["last_feat"]
+
+
+@pytest.mark.parametrize("scope", ["window", "image"])
+@pytest.mark.parametrize("batch,height,width", SHAPES)
+def test_keep_rate_one_equals_detectron2(batch, height, width, scope):
+    stock = small_vit(residual_block_indexes=[1])
+    patched = apply_atc(copy.deepcopy(stock), keep_rate=1.0, blocks=range(4), scope=scope)
+    images = torch.randn(batch, 3, height, width)
+    expected = features(stock, images)
+    torch.testing.assert_close(features(patched, images), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_threshold_clusters_nothing_and_equals_detectron2():
+    # Distance threshold 0 keeps distinct tokens apart, so the clustered path must reproduce the
+    # stock model (labels come from the clustering call, not from a keep-rate-1 shortcut).
+    stock = small_vit()
+    patched = apply_atc(copy.deepcopy(stock), blocks=range(4), threshold=0.0)
+    images = torch.randn(2, 3, 224, 224)
+    torch.testing.assert_close(features(patched, images), features(stock, images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("linkage", ["single", "complete", "average"])
+def test_merging_duplicate_tokens_is_exact_with_proportional_attention(linkage):
+    # Without positional embeddings, repeated patch columns give duplicate tokens in every block
+    # of the stock model. Keeping exactly the distinct tokens must merge the duplicates, and
+    # proportional attention (log cluster size) must then reproduce the stock output.
+    stock = small_vit(use_rel_pos=False, use_abs_pos=False)
+    columns = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 7, 8])  # 9 distinct of 14
+    keep = 9 / 14
+    patched = apply_atc(copy.deepcopy(stock), keep_rate=keep, linkage=linkage, blocks=range(4))
+    torch.manual_seed(1)
+    distinct = torch.randn(2, 3, 224, 9, 16)
+    images = distinct[:, :, :, columns].reshape(2, 3, 224, 224)
+    expected = features(stock, images)
+    torch.testing.assert_close(features(patched, images), expected, rtol=1e-4, atol=1e-4)
+    no_prop = apply_atc(copy.deepcopy(stock), keep_rate=keep, blocks=range(4), prop_attn=False)
+    assert not torch.allclose(features(no_prop, images), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("linkage", ["single", "complete", "average"])
+@pytest.mark.parametrize("batch,height,width", SHAPES)
+def test_reduced_model_keeps_stock_shapes(batch, height, width, linkage):
+    stock = small_vit()
+    patched = apply_atc(copy.deepcopy(stock), keep_rate=0.5, linkage=linkage, blocks=[1, 2, 3])
+    images = torch.randn(batch, 3, height, width)
+    out, expected = features(patched, images), features(stock, images)
+    assert out.shape == expected.shape
+    assert torch.isfinite(out).all()
+    if height * width > 96 * 96:  # smaller images have fewer real tokens than clusters
+        assert not torch.allclose(out, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted(set(CLUSTERING_METHODS) - {"random"}))
+@pytest.mark.parametrize("scope,metric", [("window", "keys"), ("image", "input")])
+def test_every_method_scope_and_metric_runs(method, scope, metric):
+    patched = apply_atc(small_vit(), keep_rate=0.25, method=method, scope=scope, metric=metric)
+    out = features(patched, torch.randn(2, 3, 200, 312))
+    assert out.shape == (2, 64, 12, 19) and torch.isfinite(out).all()
+
+
+def test_gradients_reach_every_parameter():
+    vit = apply_atc(small_vit(), keep_rate=[0.5, 0.25, 0.75], blocks=[1, 2, 3]).train()
+    vit(torch.randn(2, 3, 200, 312))["last_feat"].square().mean().backward()
+    for name, param in vit.named_parameters():
+        assert param.grad is not None, name
+        assert param.grad.abs().sum() > 0, name
+
+
+def test_parameter_names_and_checkpoint_unchanged():
+    stock = small_vit()
+    patched = apply_atc(copy.deepcopy(small_vit()), keep_rate=0.5)
+    with torch.no_grad():
+        for param in patched.parameters():
+            param.add_(1.0)
+    assert list(patched.state_dict()) == list(stock.state_dict())
+    result = patched.load_state_dict(stock.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for name, value in stock.state_dict().items():
+        assert torch.equal(patched.state_dict()[name], value), name
+
+
+def test_source_maps_give_a_cluster_per_patch():
+    patched = apply_atc(small_vit(), keep_rate=0.5, blocks=[1, 2])
+    maps = collect_source_maps(patched, torch.randn(2, 3, 224, 224))
+    assert sorted(maps) == [1, 2]
+    for source in maps.values():
+        assert source.shape == (2, 14, 14) and source.dtype == torch.long
+        for image in source:  # one 14x14 window: 98 clusters
+            assert image.unique().numel() == 98
+    assert all(b._atc_source_map is None for b in patched.blocks[1:3])
+
+
+def atc_cfg(**keys):
+    cfg = get_cfg()
+    add_atc_det_config(cfg)
+    cfg.MODEL.ATC.ENABLED = True
+    cfg.MODEL.ATC.BLOCKS = [1, 2, 3]
+    for key, value in keys.items():
+        setattr(cfg.MODEL.ATC, key, value)
+    return cfg
+
+
+def test_apply_atc_from_cfg_uses_the_keys():
+    cfg = atc_cfg(KEEP_RATE=[0.75, 0.5], BLOCKS=[2, 3], METHOD="tome", SCOPE="image")
+    vit = apply_atc_from_cfg(small_vit(), cfg)
+    assert [type(b).__name__ for b in vit.blocks] == ["Block", "Block", "ATCBlock", "ATCBlock"]
+    assert [b._atc.keep_rate for b in vit.blocks[2:]] == [0.75, 0.5]
+    assert {(b._atc.method, b._atc.scope) for b in vit.blocks[2:]} == {("tome", "image")}
+
+
+@pytest.mark.parametrize(
+    "keys,message",
+    [
+        (dict(KEEP_RATE=[0.0]), "MODEL.ATC.KEEP_RATE"),
+        (dict(KEEP_RATE=[1.5]), "MODEL.ATC.KEEP_RATE"),
+        (dict(KEEP_RATE=[0.5, 0.5]), "MODEL.ATC.KEEP_RATE"),
+        (dict(LINKAGE="ward"), "MODEL.ATC.LINKAGE"),
+        (dict(METHOD="kmeans"), "MODEL.ATC.METHOD"),
+        (dict(METRIC="values"), "MODEL.ATC.METRIC"),
+        (dict(SCOPE="batch"), "MODEL.ATC.SCOPE"),
+        (dict(BLOCKS=[4]), "MODEL.ATC.BLOCKS"),
+        (dict(METHOD="tome", THRESHOLD=0.5), "MODEL.ATC.THRESHOLD"),
+    ],
+)
+def test_bad_settings_raise_one_clear_error(keys, message):
+    with pytest.raises(ValueError, match=message):
+        apply_atc_from_cfg(small_vit(), atc_cfg(**keys))
+
+
+def test_apply_atc_rejects_other_modules():
+    with pytest.raises(TypeError, match="detectron2.modeling.ViT"):
+        apply_atc(torch.nn.Linear(2, 2), keep_rate=0.5)
