@@ -1,0 +1,168 @@
+"""ATC core checked against SciPy's hierarchy (an independent reference)."""
+
+import numpy as np
+import pytest
+import scipy.cluster.tests.hierarchy_test_data as scipy_data
+import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import pdist, squareform
+
+from atc_det.clustering import CLUSTERING_METHODS, agglomerative_clustering
+
+LINKAGES = ("single", "complete", "average")
+
+
+def same_partition(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return bool(((a[:, None] == a[None, :]) == (b[:, None] == b[None, :])).all())
+
+
+def numbered_by_first_member(labels) -> bool:
+    seen = []
+    for label in labels.tolist():
+        if label not in seen:
+            seen.append(label)
+    return seen == list(range(len(seen)))
+
+
+def test_random_cases_match_scipy_maxclust():
+    """1,200 random cases (B = 4 samples each over N, C, K, linkage): same partition as SciPy."""
+    rng = np.random.default_rng(0)
+    cases = 0
+    for _ in range(100):
+        num_tokens, channels = int(rng.integers(2, 48)), int(rng.integers(2, 12))
+        x = torch.from_numpy(rng.standard_normal((4, num_tokens, channels)))
+        for method in LINKAGES:
+            k = int(rng.integers(1, num_tokens + 1))
+            labels = agglomerative_clustering(x, k, method)
+            for b in range(4):
+                ref = fcluster(linkage(pdist(x[b].numpy(), "cosine"), method=method), k, "maxclust")
+                assert same_partition(labels[b], ref), (num_tokens, channels, k, method)
+                assert labels[b].max() == k - 1 and numbered_by_first_member(labels[b])
+                cases += 1
+    assert cases == 1200
+
+
+@pytest.mark.parametrize("method", LINKAGES)
+def test_threshold_matches_scipy_distance_criterion(method):
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        x = torch.from_numpy(rng.standard_normal((3, int(rng.integers(2, 40)), 6)))
+        dist = [pdist(x[b].numpy(), "cosine") for b in range(3)]
+        threshold = float(np.quantile(np.concatenate(dist), rng.uniform(0.0, 0.6)))
+        labels = agglomerative_clustering(x, linkage=method, threshold=threshold)
+        for b in range(3):
+            ref = fcluster(linkage(dist[b], method=method), threshold, "distance")
+            assert same_partition(labels[b], ref)
+
+
+@pytest.mark.parametrize("method", LINKAGES)
+def test_scipy_ytdist_vectors(method):
+    """SciPy's stored linkages of ``ytdist``: every cut of them equals ours on that matrix."""
+    expected_z = getattr(scipy_data, f"linkage_ytdist_{method}")
+    dist = torch.from_numpy(squareform(scipy_data.ytdist))[None]
+    for k in range(1, 7):
+        labels = agglomerative_clustering(linkage=method, num_clusters=k, distances=dist)
+        assert same_partition(labels[0], fcluster(expected_z, k, "maxclust"))
+
+
+def test_scipy_fcluster_vectors():
+    """SciPy's stored single-linkage Euclidean flat clusters of ``Q_X`` (maxclust and distance)."""
+    dist = torch.from_numpy(squareform(pdist(scipy_data.Q_X)))[None]
+    for k, expected in scipy_data.fcluster_maxclust.items():
+        labels = agglomerative_clustering(num_clusters=int(k), linkage="single", distances=dist)
+        assert same_partition(labels[0], expected)
+    for t, expected in scipy_data.fcluster_distance.items():
+        labels = agglomerative_clustering(linkage="single", distances=dist, threshold=t)
+        assert same_partition(labels[0], expected)
+
+
+@pytest.mark.parametrize("method", LINKAGES)
+def test_valid_and_protected_match_scipy_with_separated_groups(method):
+    """Reference: SciPy on the same distances with a huge distance between groups."""
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        num_tokens, protected = int(rng.integers(4, 30)), int(rng.integers(0, 3))
+        x = torch.from_numpy(rng.standard_normal((3, num_tokens, 5)))
+        valid = torch.from_numpy(rng.random((3, num_tokens)) < 0.7)
+        fewest = protected + 2
+        k = int(rng.integers(fewest, num_tokens + 1))
+        labels = agglomerative_clustering(x, k, method, valid=valid, protected=protected)
+        for b in range(3):
+            group = np.where(valid[b].numpy(), 0, 1)
+            group[:protected] = 2 + np.arange(protected)
+            dist = squareform(pdist(x[b].numpy(), "cosine"))
+            dist[group[:, None] != group[None, :]] = 1e3
+            np.fill_diagonal(dist, 0)
+            ref = fcluster(linkage(squareform(dist), method=method), k, "maxclust")
+            assert same_partition(labels[b], ref)
+            assert labels[b].max() == k - 1
+            assert labels[b, :protected].tolist() == list(range(protected))
+            lab = labels[b].numpy()
+            assert not np.isin(lab[group == 0], lab[group != 0]).any()
+
+
+def test_batch_members_are_independent():
+    torch.manual_seed(3)
+    x = torch.randn(5, 40, 8)
+    x[1] = x[0, torch.randperm(40)]  # different sizes of rounds across the batch
+    x[2] = 0.0  # all identical
+    labels = agglomerative_clustering(x, 13, "average")
+    for b in range(5):
+        assert torch.equal(labels[b], agglomerative_clustering(x[b:b + 1], 13, "average")[0])
+
+
+@pytest.mark.parametrize("method", LINKAGES)
+def test_all_identical_tokens_and_duplicates(method):
+    x = torch.ones(2, 64, 4)
+    for k in (1, 5, 64):
+        labels = agglomerative_clustering(x, k, method)
+        assert [len(set(row.tolist())) for row in labels] == [k, k]
+        assert numbered_by_first_member(labels[0])
+    # Exact duplicates of distinct points: K = number of distinct points recovers them.
+    torch.manual_seed(4)
+    points = torch.randn(1, 6, 5)
+    x = points[:, torch.arange(48) % 6]
+    labels = agglomerative_clustering(x, 6, method)
+    assert same_partition(labels[0], np.arange(48) % 6)
+
+
+def test_edge_cases():
+    x = torch.randn(3, 1, 4)
+    assert agglomerative_clustering(x, 1).tolist() == [[0], [0], [0]]
+    x = torch.randn(2, 9, 4)
+    assert torch.equal(agglomerative_clustering(x, 9), torch.arange(9).expand(2, 9))
+    assert agglomerative_clustering(x, 1, "single").abs().sum() == 0
+    assert agglomerative_clustering(x, linkage="complete", threshold=0.0).max() == 8
+    half = agglomerative_clustering(x.half(), 4)
+    assert half.dtype == torch.int64 and half.max() == 3
+    assert CLUSTERING_METHODS["atc"] is agglomerative_clustering
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(metric=torch.full((1, 4, 2), float("nan")), num_clusters=2), ValueError, "NaN or Inf"),
+    (dict(metric=torch.full((1, 4, 2), float("inf")), num_clusters=2), ValueError, "NaN or Inf"),
+    (dict(metric=torch.ones(1, 4, 2), num_clusters=0), ValueError, "num_clusters"),
+    (dict(metric=torch.ones(1, 4, 2), num_clusters=5), ValueError, "num_clusters"),
+    (dict(metric=torch.ones(1, 4, 2), num_clusters=2.0), TypeError, "num_clusters"),
+    (dict(metric=torch.ones(1, 4, 2), threshold=-0.1), ValueError, "threshold"),
+    (dict(metric=torch.ones(1, 4, 2), threshold=float("nan")), ValueError, "threshold"),
+    (dict(metric=torch.ones(1, 4, 2), distances=torch.zeros(1, 4, 4), num_clusters=2),
+     ValueError, "exactly one of metric"),
+    (dict(num_clusters=2), ValueError, "exactly one of metric"),
+    (dict(metric=torch.ones(1, 4, 2)), ValueError, "num_clusters .* or threshold"),
+    (dict(metric=torch.ones(1, 4, 2), num_clusters=2, threshold=0.5), ValueError, "exactly one of"),
+    (dict(metric=torch.ones(1, 4, 2), num_clusters=2, linkage="ward"), ValueError, "linkage"),
+    (dict(metric=torch.ones(4, 2), num_clusters=2), TypeError, r"\[B, N, C\]"),
+    (dict(metric=torch.ones(1, 4, 2), num_clusters=2, protected=5), ValueError, "protected"),
+    (dict(metric=torch.ones(1, 4, 2), num_clusters=2, protected=2), ValueError, "num_clusters"),
+    (dict(metric=torch.ones(1, 4, 2), num_clusters=2, valid=torch.ones(1, 3, dtype=torch.bool)),
+     TypeError, "valid"),
+    (dict(metric=torch.ones(1, 4, 2), num_clusters=1, valid=torch.tensor([[True, False, True, True]])),
+     ValueError, "num_clusters"),
+    (dict(distances=torch.rand(1, 4, 4) + torch.eye(4), num_clusters=2), ValueError, "symmetric"),
+    (dict(distances=torch.ones(1, 4, 3), num_clusters=2), TypeError, r"\[B, N, N\]"),
+])
+def test_bad_input_raises_one_clear_error(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        agglomerative_clustering(**kwargs)
