@@ -200,9 +200,9 @@ def load_config(config_file: str, opts: List[str] | None = None) -> CfgNode:
                           ("command-line overrides", lambda: cfg.merge_from_list(opts or []))):
         try:
             merge()
-        except KeyError as e:
+        except (KeyError, AssertionError) as e:  # yacs: KeyError from files, assert from lists
             raise KeyError(
-                f"{e.args[0]} (from {source}); valid keys are Detectron2's "
+                f"unknown config key: {e.args[0]} (from {source}); valid keys are Detectron2's "
                 "(detectron2/config/defaults.py) and atc_det's (atc_det/config.py)"
             ) from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():

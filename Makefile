@@ -1,0 +1,16 @@
+# make test   - create .venv if missing (scripts/setup_env.sh) and run the whole test suite
+# make toy    - the main job: generate the toy dataset if missing, train on CPU, evaluate
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: env test toy
+
+env:
+	bash scripts/setup_env.sh
+
+test: env
+	$(PY) -m pytest -q tests
+
+toy: env
+	$(PY) tools/train_net.py --config configs/toy_vitdet.yaml
