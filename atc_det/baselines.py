@@ -156,8 +156,8 @@ def dpcknn_clustering(metric: Tensor, num_clusters: int, *, valid: Tensor | None
     density = exp(-mean squared distance to the ``k_neighbors`` nearest tokens of the group);
     delta = distance to the nearest token of higher density (ties: the lower index counts as
     higher), for a group's densest token its largest distance in the group; the K tokens with
-    the largest density * delta are centres (every group's densest token and protected tokens
-    always are), and every token joins its nearest centre.
+    the largest density * delta are centres (always including the best of every group, so each
+    protected token is one), and every token joins its nearest centre.
     """
     check_tokens(metric, num_clusters, valid, protected)
     if not isinstance(k_neighbors, int) or k_neighbors < 1:
@@ -175,8 +175,8 @@ def dpcknn_clustering(metric: Tensor, num_clusters: int, *, valid: Tensor | None
     delta = off_diagonal.masked_fill(~higher, float("inf")).amin(-1)
     largest = torch.where(torch.isfinite(off_diagonal), off_diagonal, 0).amax(-1)
     delta = torch.where(torch.isinf(delta), largest, delta)
-    forced = _group_leaders(groups, density)
-    is_centre = _top_centres(density * delta, forced, num_clusters)
+    score = density * delta
+    is_centre = _top_centres(score, _group_leaders(groups, score), num_clusters)
     return _assign_to_centres(dist, is_centre)
 
 
