@@ -105,5 +105,5 @@ def test_bad_input_is_one_clear_error(args, message, tmp_path, small_toy):
 def test_vitdet_b_without_coco_says_where_the_data_goes(tmp_path):
     p = run(["--config", "configs/vitdet_b.yaml"], {"DETECTRON2_DATASETS": str(tmp_path)})
     assert p.returncode == 2
-    assert "coco/annotations/instances_val2017.json not found" in p.stderr
+    assert "coco/annotations/instances_val2017.json, " in p.stderr
     assert "datasets/README.md" in p.stderr
