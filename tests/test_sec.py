@@ -194,3 +194,19 @@ def test_apply_sec_from_cfg_and_errors_name_the_key():
         apply_sec(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="num_groups"):
         SecAttention(make_attention((2, 2)), num_groups=5)(torch.randn(1, 2, 2, DIM))
+
+
+def test_toy_config_with_sec_enabled_builds_and_runs():
+    from detectron2.modeling import build_model
+
+    import atc_det.modeling.backbone  # noqa: F401  (registers build_vitdet_backbone)
+
+    cfg = sec_cfg(ENABLED=True, GLOBAL_GROUPS=4)
+    cfg.merge_from_file("configs/toy_vitdet.yaml")
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg).eval()
+    vit = model.backbone.net
+    assert all(isinstance(b.attn, SecAttention) for b in vit.blocks)
+    with torch.no_grad():
+        out = model([{"image": torch.rand(3, 256, 256) * 255}])[0]["instances"]
+    assert out.image_size == (256, 256)

@@ -118,7 +118,16 @@ class ConvFFN(nn.Module):
 class SecBlock(nn.Module):
     """CPE, then SEC attention and FFN residuals, optionally with layer scale."""
 
-    def __init__(self, dim, num_heads, group_size, mlp_ratio, drop_path, layer_scale, layer_scale_init):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        group_size: int,
+        mlp_ratio: float,
+        drop_path: float,
+        layer_scale: bool,
+        layer_scale_init: float,
+    ):
         super().__init__()
         self.cpe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = LayerNorm2d(dim, eps=1e-6)
@@ -140,6 +149,7 @@ class SecBlock(nn.Module):
 
 
 def conv_norm(in_dim: int, out_dim: int, stride: int, norm: str) -> List[nn.Module]:
+    """3x3 conv (padding 1) and a Detectron2 norm."""
     return [nn.Conv2d(in_dim, out_dim, 3, stride, 1), get_norm(norm, out_dim)]
 
 
