@@ -126,3 +126,19 @@ def test_mismatched_checkpoint_is_one_clear_error(tiny_pair, tmp_path):
 def test_unknown_config_key_is_one_clear_error():
     with pytest.raises(KeyError, match="MODEL.ATC.KEEP_RATIO"):
         load_config(os.path.join(CONFIGS, "toy_vitdet.yaml"), ["MODEL.ATC.KEEP_RATIO", "0.5"])
+
+
+@pytest.mark.parametrize(
+    "name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".yaml") and f[0].islower())
+)
+def test_every_config_loads(name):
+    cfg = load_config(os.path.join(CONFIGS, name))
+    assert cfg.MODEL.BACKBONE.NAME in ("build_vitdet_backbone", "build_secvit_fpn_backbone")
+
+
+def test_official_recipes():
+    b = load_config(os.path.join(CONFIGS, "vitdet_b.yaml"))
+    assert (b.SOLVER.LR_DECAY_RATE, b.SOLVER.MAX_ITER, b.SOLVER.IMS_PER_BATCH) == (0.7, 184375, 64)
+    assert b.INPUT.LSJ.ENABLED and b.INPUT.LSJ.IMAGE_SIZE == 1024 and b.SOLVER.OPTIMIZER == "ADAMW"
+    h = load_config(os.path.join(CONFIGS, "vitdet_h.yaml"))
+    assert len(h.MODEL.VIT.WINDOW_BLOCK_INDEXES) == 28 and h.MODEL.VIT.EMBED_DIM == 1280
