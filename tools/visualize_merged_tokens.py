@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Pictures of the tokens that ATC merged in every reduced block of a ViTDet model.
+
+    python tools/visualize_merged_tokens.py --config configs/toy_vitdet.yaml \
+        --input photo.jpg --output out/ MODEL.WEIGHTS output/toy_vitdet/model_final.pth \
+        MODEL.ATC.BLOCKS "[1, 2, 3]"
+    python tools/visualize_merged_tokens.py --config configs/toy_vitdet.yaml \
+        --dataset toy_shapes_val --num-samples 4 --output out/ MODEL.ATC.BLOCKS "[1, 2, 3]"
+
+ATC is always on (``MODEL.ATC.ENABLED True``); the other ``MODEL.ATC.*`` keys, ``MODEL.WEIGHTS``
+and any other key can be set as trailing ``KEY VALUE`` pairs. Images are resized as Detectron2's
+DefaultPredictor does (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``). For every image NAME it
+writes under ``--output``/NAME/:
+
+- ``block{b}.png``: the input with every cluster of block b painted in its mean colour, borders;
+- ``predictions.png``: the model's instances (score >= --score-threshold), Detectron2 Visualizer;
+- ``blocks.png``: input | every reduced block | predictions, side by side;
+- ``compare.png``: one row per (--methods x --keep-rates) with every block and the predictions.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from atc_det import visualize
+from atc_det.engine import Checkpointer, Trainer, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", "--config-file", dest="config_file", required=True, metavar="FILE")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="an image file or a folder of images")
+    source.add_argument("--dataset", help="a registered dataset name, e.g. toy_shapes_val")
+    parser.add_argument("--num-samples", type=int, default=4, help="images taken from --dataset")
+    parser.add_argument("--output", required=True, help="folder for the PNG files")
+    parser.add_argument("--keep-rates", type=float, nargs="*", default=[0.75, 0.5, 0.25])
+    parser.add_argument("--methods", nargs="*", default=["atc", "tome"])
+    parser.add_argument("--tile-size", type=int, default=256, help="long side of a sheet's tiles")
+    parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return parser.parse_args(argv)
+
+
+def image_sources(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(output name, file) of every image to draw; names are made unique."""
+    if args.dataset:
+        from detectron2.data import DatasetCatalog
+
+        from atc_det.data.datasets import prepare_datasets
+
+        if args.num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+        prepare_datasets([args.dataset])
+        files = [Path(d["file_name"]) for d in DatasetCatalog.get(args.dataset)[: args.num_samples]]
+    else:
+        files = visualize.list_images(args.input)
+    sources, used = [], set()
+    for file in files:
+        name, index = file.stem, 1
+        while name in used:
+            name, index = f"{file.stem}_{index}", index + 1
+        used.add(name)
+        sources.append((name, str(file)))
+    return sources
+
+
+def thing_metadata(name: str):
+    """Detectron2 metadata with the class names of dataset ``name`` when it can be loaded."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from atc_det.data.datasets import prepare_datasets
+
+    metadata = MetadataCatalog.get(name)
+    if not metadata.get("thing_classes"):
+        try:
+            prepare_datasets([name])
+            DatasetCatalog.get(name)  # the COCO loader fills thing_classes
+        except (KeyError, FileNotFoundError):
+            pass
+    return metadata
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.tile_size < 16:
+        raise ValueError(f"--tile-size must be >= 16 pixels, got {args.tile_size}")
+    cfg = load_config(args.config_file, list(args.opts) + ["MODEL.ATC.ENABLED", "True"])
+    sources = image_sources(args)
+    model = Trainer.build_model(cfg).eval()
+    if cfg.MODEL.WEIGHTS:
+        Checkpointer(model, strict=cfg.MODEL.WEIGHTS_STRICT).load(cfg.MODEL.WEIGHTS)
+    else:
+        print("warning: MODEL.WEIGHTS is empty: the model has random weights", file=sys.stderr)
+    metadata = thing_metadata(args.dataset or cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None
+    for name, file in tqdm(sources, desc="images", unit="image", disable=len(sources) < 2):
+        image = visualize.resize_for_model(visualize.read_rgb(file), cfg)
+        pictures = visualize.merged_token_pictures(
+            model, cfg, image, args.keep_rates, args.methods, args.tile_size, args.score_threshold,
+            metadata,
+        )
+        folder = Path(args.output) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for key, picture in pictures.items():
+            Image.fromarray(np.ascontiguousarray(picture)).save(folder / f"{key}.png")
+    print(f"wrote {len(sources)} image folder(s) under {args.output}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (KeyError, FileNotFoundError, ValueError, TypeError) as error:
+        print(f"error: {error.args[0] if error.args else error}", file=sys.stderr)
+        sys.exit(2)
