@@ -35,7 +35,9 @@ def main(args):
     else:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
-        results = trainer.train()
+        trainer.train()
+        # DefaultTrainer.train() returns results only with TEST.EXPECTED_RESULTS set.
+        results = getattr(trainer, "_last_eval_results", None)
     if comm.is_main_process() and results:
         print_results(results)
     return results
