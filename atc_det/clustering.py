@@ -95,16 +95,21 @@ def min_clusters(num_tokens: int, valid: Tensor | None, protected: int) -> Tenso
     return protected + free.any(-1).long() + (~free).any(-1).long()
 
 
+def _pointer_jump(pointer: Tensor) -> Tensor:
+    """Follow ``pointer`` [B, n] (a forest with self-loops at its roots) to each tree's root."""
+    for _ in range(max(1, math.ceil(math.log2(max(pointer.shape[-1], 2))))):
+        pointer = pointer.gather(-1, pointer)
+    return pointer
+
+
 def first_member_labels(parent: Tensor) -> Tensor:
     """Labels from a forest with ``parent[b, i] <= i``: [B, N] -> [B, N] int64 in 0..K-1.
 
     Clusters are numbered in the order of their first (lowest-index) member.
     """
-    index = torch.arange(parent.shape[-1], device=parent.device)
-    for _ in range(max(1, math.ceil(math.log2(max(parent.shape[-1], 2))))):
-        parent = parent.gather(-1, parent)
-    is_root = parent == index
-    return (is_root.long().cumsum(-1) - 1).gather(-1, parent)
+    root = _pointer_jump(parent)
+    is_root = root == torch.arange(parent.shape[-1], device=parent.device)
+    return (is_root.long().cumsum(-1) - 1).gather(-1, root)
 
 
 def relabel_by_first_member(labels: Tensor) -> Tensor:
@@ -130,12 +135,14 @@ def _xor_ranks(size: int, device: torch.device) -> Tensor:
 
 def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: float | None
                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Batched RNN rounds on ``dist`` [B, N, N] (+inf: never merge, including the diagonal).
+    """Batched nearest-neighbour rounds on ``dist`` [B, N, N] (+inf: never merge, diagonal too).
 
-    Returns, per token ``j`` that is the first member of an absorbed cluster: the first member of
-    the cluster it merged into, the (monotone) merge height and the round, each [B, N]; tokens
-    never absorbed have themselves, +inf and a round past the last. Stops as soon as every later
-    merge would sort after the ``num_merges`` lowest ones, or lie above ``threshold``.
+    Complete/average: the mutual nearest-neighbour pairs merge (RNN). Single: every cluster
+    merges with its nearest neighbour (Borůvka; the edges are minimum-spanning-tree edges), so
+    there are at most ``log2 N`` rounds. Returns the merge edges [B, E] in (round, rank) order:
+    first member of the absorbed cluster (N: no edge), first member of the cluster it joined,
+    and the height (complete/average: made monotone over the dendrogram). Stops as soon as every
+    later merge would sort after the ``num_merges`` lowest ones, or lie above ``threshold``.
     """
     batch, num_tokens, _ = dist.shape
     device, dtype = dist.device, dist.dtype
@@ -146,11 +153,13 @@ def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: f
     first = torch.arange(num_tokens + 1, device=device).expand(batch, -1)  # sentinel: N
     size = torch.ones(batch, num_tokens + 1, dtype=dtype, device=device)
     own_height = torch.full((batch, num_tokens + 1), -float("inf"), dtype=dtype, device=device)
-    parent = torch.arange(num_tokens + 1, device=device).repeat(batch, 1)  # slot N: discarded
-    height = torch.full((batch, num_tokens + 1), float("inf"), dtype=dtype, device=device)
-    never = num_tokens
-    merge_round = torch.full((batch, num_tokens + 1), never, dtype=torch.long, device=device)
-    for round_index in range(num_tokens):
+    stride = num_tokens + 1
+    if linkage == "single":  # token pair (i * stride + j) realising each cluster distance
+        pair_dtype = torch.int32 if stride * stride < _NO_TIE else torch.long
+        pair = torch.arange(stride * stride, device=device, dtype=pair_dtype).view(1, stride, stride)
+        pair, no_pair = pair.expand(batch, -1, -1), torch.iinfo(pair_dtype).max
+    children, parents, heights = [], [], []
+    for _ in range(num_tokens):
         n = dist.shape[-1]
         rank = torch.arange(n, device=device)
         nearest_dist = dist.amin(-1)  # [B, n]
@@ -158,47 +167,80 @@ def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: f
         if threshold is not None:
             done = lowest_open > threshold
         else:
-            done = (height[:, :num_tokens] <= lowest_open).sum(-1, keepdim=True) >= num_merges
+            recorded = torch.cat(heights, 1) if heights else lowest_open.new_empty(batch, 0)
+            done = (recorded <= lowest_open).sum(-1, keepdim=True) >= num_merges
         if bool((done | torch.isinf(lowest_open)).all()):
             break
         tie_key = torch.where(dist == nearest_dist[..., None], xor_ranks[:n, :n], _NO_TIE)
         nearest = rank ^ tie_key.amin(-1)  # sentinel / isolated rows point at themselves
         mutual = (nearest.gather(1, nearest) == rank) & (nearest != rank)
-        absorbed = mutual & (nearest < rank)
-        merge_height = torch.maximum(nearest_dist, torch.maximum(own_height, own_height.gather(1, nearest)))
-        slot = torch.where(absorbed, first, num_tokens)
-        parent.scatter_(1, slot, first.gather(1, nearest))
-        height.scatter_(1, slot, merge_height)
-        merge_round.scatter_(1, slot, round_index)
+        if linkage == "single":
+            edge = torch.isfinite(nearest_dist) & ~(mutual & (nearest > rank))
+            merge_height = nearest_dist  # minimum-spanning-tree edge weights
+        else:
+            edge = mutual & (nearest < rank)
+            merge_height = torch.maximum(nearest_dist, torch.maximum(own_height, own_height.gather(1, nearest)))
+        if linkage == "single":  # the tokens at the two ends of the spanning-tree edge
+            ends = pair.gather(2, nearest[..., None])[..., 0].long()
+            child, parent = ends // stride, ends % stride
+        else:
+            child, parent = first, first.gather(1, nearest)
+        children.append(torch.where(edge, child, num_tokens))
+        parents.append(parent)
+        heights.append(torch.where(edge, merge_height, inf))
 
-        survivor = ~absorbed & (first < num_tokens)
-        keep = torch.sort(torch.where(survivor, rank, n - 1), dim=-1).values
+        # New clusters: the trees of the edges, each kept at its lowest rank.
+        root = _pointer_jump(torch.where(edge, nearest, rank))
+        lowest = torch.full_like(root, n).scatter_reduce(1, root, rank.expand_as(root), "amin")
+        keeper = lowest.gather(1, root)
+        survivor = (keeper == rank) & (first < num_tokens)
         m = int(survivor.sum(-1).max())
+        keep = torch.sort(torch.where(survivor, rank, n - 1), dim=-1).values
         keep = torch.cat([keep[:, :m], keep.new_full((batch, 1), n - 1)], dim=1)  # [B, m + 1]
-        partner = torch.where(mutual, nearest, rank).gather(1, keep)
-        size_a, size_b = size.gather(1, keep), size.gather(1, partner)
-        weight_a = size_a / (size_a + size_b)
-        rows = torch.stack([keep, partner], 0)[..., None].expand(-1, -1, -1, n)
-        rows_a, rows_b = dist.gather(1, rows[0]), dist.gather(1, rows[1])  # [B, m + 1, n]
-        upd = _combine(linkage, rows_a, rows_b, weight_a[..., None], (1 - weight_a)[..., None])
-        cols = torch.stack([keep, partner], 0)[:, :, None, :].expand(-1, -1, m + 1, -1)
-        cols_a, cols_b = upd.gather(2, cols[0]), upd.gather(2, cols[1])  # [B, m + 1, m + 1]
-        dist = _combine(linkage, cols_a, cols_b, weight_a[:, None, :], (1 - weight_a)[:, None, :])
+        if linkage == "single":
+            new_index = torch.where(first < num_tokens, (survivor.long().cumsum(-1) - 1).gather(1, keeper), m)
+            new_row = new_index[..., None].expand(-1, -1, n)
+            rows = dist.new_full((batch, m + 1, n), float("inf")).scatter_reduce_(1, new_row, dist, "amin")
+            pair = pair.new_full((batch, m + 1, n), no_pair).scatter_reduce_(
+                1, new_row, torch.where(dist == rows.gather(1, new_row), pair, no_pair), "amin")
+            new_col = new_index[:, None, :].expand(-1, m + 1, -1)
+            dist = dist.new_full((batch, m + 1, m + 1), float("inf")).scatter_reduce_(2, new_col, rows, "amin")
+            pair = pair.new_full((batch, m + 1, m + 1), no_pair).scatter_reduce_(
+                2, new_col, torch.where(rows == dist.gather(2, new_col), pair, no_pair), "amin")
+        else:
+            partner = torch.where(mutual, nearest, rank).gather(1, keep)
+            size_a, size_b = size.gather(1, keep), size.gather(1, partner)
+            weight_a = size_a / (size_a + size_b)
+            rows_a = dist.gather(1, keep[..., None].expand(-1, -1, n))  # [B, m + 1, n]
+            rows_b = dist.gather(1, partner[..., None].expand(-1, -1, n))
+            upd = _combine(linkage, rows_a, rows_b, weight_a[..., None], (1 - weight_a)[..., None])
+            cols_a = upd.gather(2, keep[:, None, :].expand(-1, m + 1, -1))  # [B, m + 1, m + 1]
+            cols_b = upd.gather(2, partner[:, None, :].expand(-1, m + 1, -1))
+            dist = _combine(linkage, cols_a, cols_b, weight_a[:, None, :], (1 - weight_a)[:, None, :])
+            merged = partner != keep
+            size = size_a + torch.where(merged, size_b, 0)
+            own_height = torch.where(merged, merge_height.gather(1, keep), own_height.gather(1, keep))
         dist.diagonal(dim1=1, dim2=2).fill_(inf)
-
-        merged = partner != keep
-        size = size_a + torch.where(merged, size_b, 0)
-        own_height = torch.where(merged, merge_height.gather(1, keep), own_height.gather(1, keep))
         first = first.gather(1, keep)
-    return parent[:, :num_tokens], height[:, :num_tokens], merge_round[:, :num_tokens]
+    if not heights:
+        empty = torch.empty(batch, 0, dtype=torch.long, device=device)
+        return empty, empty, torch.empty(batch, 0, dtype=dtype, device=device)
+    return torch.cat(children, 1), torch.cat(parents, 1), torch.cat(heights, 1)
 
 
-def _lowest_merges(height: Tensor, merge_round: Tensor, num_merges: int) -> Tensor:
-    """Mask [B, N] of the ``num_merges`` lowest merges, by (height, round, absorbed index)."""
-    order = torch.sort(merge_round, dim=-1, stable=True).indices
-    order = order.gather(-1, torch.sort(height.gather(-1, order), dim=-1, stable=True).indices)
-    keep = torch.zeros_like(height, dtype=torch.bool)
-    return keep.scatter_(-1, order[:, :num_merges], True)
+def _components(num_tokens: int, child: Tensor, parent: Tensor, kept: Tensor) -> Tensor:
+    """Connected components of the kept edges ``child - parent`` [B, E] -> first-member labels."""
+    index = torch.arange(num_tokens, device=child.device)
+    child = torch.where(kept, child, 0)
+    parent = torch.where(kept, parent, 0)
+    root = index.repeat(child.shape[0], 1)
+    while True:  # hook the higher root onto the lower one, then jump to the roots
+        a, b = root.gather(1, child), root.gather(1, parent)
+        hooked = _pointer_jump(root.scatter_reduce(1, torch.maximum(a, b), torch.minimum(a, b), "amin"))
+        if torch.equal(hooked, root):
+            break
+        root = hooked
+    return first_member_labels(root)
 
 
 def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | None = None,
@@ -254,13 +296,13 @@ def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | N
     dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
 
     num_merges = None if num_clusters is None else num_tokens - num_clusters
-    parent, height, merge_round = _dendrogram(dist, linkage, num_merges, threshold)
+    child, parent, height = _dendrogram(dist, linkage, num_merges, threshold)
     if threshold is not None:
         kept = height <= threshold
-    else:
-        kept = _lowest_merges(height, merge_round, num_merges)
-    index = torch.arange(num_tokens, device=dist.device)
-    return first_member_labels(torch.where(kept, parent, index))
+    else:  # the N - K lowest merges; the stable sort keeps (round, rank) order among equal heights
+        order = torch.sort(height, dim=-1, stable=True).indices[:, :num_merges]
+        kept = torch.zeros_like(height, dtype=torch.bool).scatter_(1, order, True)
+    return _components(num_tokens, child, parent, kept & (child < num_tokens))
 
 
 CLUSTERING_METHODS: dict[str, Callable[..., Tensor]] = {"atc": agglomerative_clustering}
