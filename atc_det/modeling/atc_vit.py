@@ -140,23 +140,53 @@ def query_rel_pos_terms(q: Tensor, coord: Tensor, table: Tensor, size: int) -> T
     return proj.gather(-1, low) * (1 - frac) + proj.gather(-1, high) * frac
 
 
+def attention_layout(used: Tensor, num_rows: int) -> tuple[Tensor, Tensor, int]:
+    """Place the used slots of [G, K] in ``num_rows`` attention rows (G = num_rows * groups).
+
+    Returns the flat slot index [T] of every used slot (row-major), its flat position [T] in an
+    [num_rows, L] attention layout (slots of one row packed to the front), and L.
+    """
+    slot = used.flatten().nonzero()[:, 0]
+    row = slot // (used.numel() // num_rows)
+    count = torch.bincount(row, minlength=num_rows)
+    length = int(count.max())
+    start = torch.cumsum(count, 0) - count
+    position = row * length + torch.arange(slot.numel(), device=used.device) - start[row]
+    return slot, position, length
+
+
 def cluster_attention(
-    attn: Attention, tokens: Tensor, coords: Tensor, key_bias: Tensor, grid: tuple[int, int]
+    attn: Attention,
+    tokens: Tensor,
+    coords: Tensor,
+    key_bias: Tensor,
+    layout: tuple[Tensor, int, int],
+    grid: tuple[int, int],
 ) -> Tensor:
     """Detectron2 ``Attention`` over (cluster) tokens at fractional positions.
 
-    tokens [G, T, C] (already normalised), coords [G, T, 2] (row, col) on a ``grid`` = (rows,
-    cols) lattice, key_bias [G, T] added to the logits of each key (log size, -inf to mask).
-    Relative positions: logit(i, j) += q_i . Rh(r_i - r_j) + q_i . Rw(c_i - c_j) with both
-    positions linearly interpolated; this equals Detectron2's term at integer positions.
-    Returns [G, T, C].
+    tokens [T, C] (normalised), coords [T, 2] (row, col) on a ``grid`` = (rows, cols) lattice,
+    key_bias [T] added to the logits of each key (log size). ``layout`` = (position [T] in the
+    flat attention layout, rows A, length L): tokens attend to the tokens of their row; empty
+    places are masked. Relative positions: logit(i, j) += q_i . Rh(r_i - r_j) + q_i . Rw(c_i - c_j)
+    with both positions linearly interpolated, i.e. Detectron2's term at integer positions.
+    Returns [T, C].
     """
-    G, T, C = tokens.shape
+    position, num_rows, length = layout
+    T, C = tokens.shape
     heads = attn.num_heads
-    q, k, v = attn.qkv(tokens).reshape(G, T, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def placed(values: Tensor, fill: float) -> Tensor:
+        out = values.new_full((num_rows * length, *values.shape[1:]), fill)
+        return out.index_copy(0, position, values).reshape(num_rows, length, *values.shape[1:])
+
+    qkv = placed(attn.qkv(tokens), 0.0).reshape(num_rows, length, 3, heads, -1)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [A, heads, L, D]
+    key_bias = placed(key_bias, float("-inf"))
     scaled_q = q * attn.scale
     if attn.use_rel_pos:
         rows, cols = grid
+        coords = placed(coords, 0.0)
         table_h = resized_rel_pos_table(attn.rel_pos_h, rows)
         table_w = resized_rel_pos_table(attn.rel_pos_w, cols)
         # Bilinear form: [q*s, Qh, Qw] . [k, Mh, Mw] adds both rel-pos terms in one matmul.
@@ -174,8 +204,8 @@ def cluster_attention(
         )
         k = torch.cat([k, key_weights[:, None].expand(-1, heads, -1, -1)], dim=-1)
     logits = scaled_q @ k.transpose(-2, -1) + key_bias[:, None, None, :]
-    out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(G, T, C)
-    return attn.proj(out)
+    out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(num_rows * length, C)
+    return attn.proj(out[position])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,39 +223,48 @@ class ATCBlock(Block):
     _atc_source_map: Tensor | None
 
     def _cluster_metric(self, normed: Tensor) -> Tensor:
-        """[G, S, C] normalised tokens -> [G, S, D] clustering features."""
+        """[G, S, C] normalised tokens -> [G, S, D] clustering features.
+
+        "keys": the attention keys averaged over heads, computed with the head-averaged key
+        weights (the same numbers, at 1 / heads of the cost of all keys).
+        """
         if self._atc.metric == "input":
             return normed
-        C = normed.shape[-1]
-        keys = F.linear(
-            normed,
-            self.attn.qkv.weight[C : 2 * C],
-            None if self.attn.qkv.bias is None else self.attn.qkv.bias[C : 2 * C],
-        )
-        return keys.reshape(*keys.shape[:-1], self.attn.num_heads, -1).mean(dim=-2)
+        C, heads = normed.shape[-1], self.attn.num_heads
+        weight = self.attn.qkv.weight[C : 2 * C].reshape(heads, -1, C).mean(0)
+        bias = self.attn.qkv.bias
+        return F.linear(normed, weight, None if bias is None else bias[C : 2 * C].reshape(heads, -1).mean(0))
 
     def _cluster(self, normed: Tensor, valid: Tensor) -> tuple[Tensor, int]:
-        """Labels [G, S] and the number of cluster slots K per group."""
+        """Labels [G, S] and the number of cluster slots K per group.
+
+        Groups with P padding tokens get round(keep_rate * (S - P)) clusters of real tokens plus
+        one of padding, so every window keeps the same fraction of its real tokens; groups with
+        the same number of real tokens (all full windows) are clustered in one batched call.
+        """
         s = self._atc
-        G, S, _ = normed.shape
-        if s.threshold is None:
-            # At least one cluster for the real tokens and one for the padding (if any).
-            num_clusters = max(1 + int(not bool(valid[0].all())), round(s.keep_rate * S))
-            if num_clusters == S:
-                labels = torch.arange(S, device=normed.device).expand(G, S)
-                return labels, S
-        else:
-            num_clusters = None
+        G, S = int(normed.shape[0]), int(normed.shape[1])
+        if s.threshold is None and round(s.keep_rate * S) >= S:
+            return torch.arange(S, device=normed.device).expand(G, S), S
+        kwargs = dict(s.method_kwargs)
+        if s.threshold is not None:
+            kwargs["threshold"] = s.threshold
+        cluster = CLUSTERING_METHODS[s.method]
         with torch.no_grad():
             # Identical padding features: the padding of a window merges into one cluster first.
             metric = self._cluster_metric(normed).masked_fill(~valid[..., None], 1.0)
-            kwargs = dict(s.method_kwargs)
             if s.threshold is not None:
-                kwargs["threshold"] = s.threshold
-            labels = CLUSTERING_METHODS[s.method](metric, num_clusters, valid=valid, **kwargs)
-        if num_clusters is None:
-            num_clusters = int(labels.max()) + 1
-        return labels, num_clusters
+                labels = cluster(metric, None, valid=valid, **kwargs)
+                return labels, int(labels.max()) + 1
+            labels = torch.empty(G, S, dtype=torch.long, device=normed.device)
+            real_count = valid.sum(-1)
+            num_slots = 0
+            for count in real_count.unique().tolist():
+                num_clusters = max(1, round(s.keep_rate * count)) + int(count < S)
+                select = (real_count == count).nonzero()[:, 0]
+                labels[select] = cluster(metric[select], num_clusters, valid=valid[select], **kwargs)
+                num_slots = max(num_slots, num_clusters)
+        return labels, num_slots
 
     def forward(self, x: Tensor) -> Tensor:
         s = self._atc
@@ -240,27 +279,34 @@ class ATCBlock(Block):
         extra, _ = merge_tokens(torch.cat([coords, valid[..., None].to(x.dtype)], -1), labels, K)
         centroids, real = extra[..., :2], extra[..., 2] > 0
         if windowed:
-            # Coordinates inside the window; padding clusters stay keys, as in Detectron2.
+            # Each window attends within itself; its padding clusters are keys, as in Detectron2.
             centroids = centroids - coords[:, :1]
-            grid = (self.window_size, self.window_size)
-            attend = size > 0
+            grid, used, rows = (self.window_size, self.window_size), size > 0, labels.shape[0]
         else:
-            # All windows of an image attend to each other; padding clusters are masked.
-            grid = (H, W)
-            attend = real
+            # The clusters of all windows of an image attend to each other; padding is dropped.
+            grid, used, rows = (H, W), real, B
+        slot, position, length = attention_layout(used, rows)
+        image = slot // (used.numel() // B)  # image of each used cluster
         key_bias = attention_size_bias(size)[:, 0, 0] if s.prop_attn else torch.zeros_like(size)
-        key_bias = key_bias.masked_fill(~attend, float("-inf"))
 
-        normed_merged = self.norm1(merged) * real[..., None]
-        if not windowed:
-            normed_merged = normed_merged.reshape(B, -1, C)
-            centroids, key_bias = centroids.reshape(B, -1, 2), key_bias.reshape(B, -1)
-        update = self.drop_path(cluster_attention(self.attn, normed_merged, centroids, key_bias, grid))
-        update = update.reshape(merged.shape)
-        mlp_out = self.mlp(self.norm2(merged + update)).reshape(B, -1, C)
-        update = update + self.drop_path(mlp_out).reshape(merged.shape)
+        merged = merged.reshape(-1, C)[slot]
+        normed = self.norm1(merged) * real.flatten()[slot, None]
+        # DropPath draws one factor per image, as in the stock block.
+        drop_attn = self.drop_path(x.new_ones(B, 1))[image]
+        drop_mlp = self.drop_path(x.new_ones(B, 1))[image]
+        update = drop_attn * cluster_attention(
+            self.attn,
+            normed,
+            centroids.reshape(-1, 2)[slot],
+            key_bias.flatten()[slot],
+            (position, rows, length),
+            grid,
+        )
+        update = update + drop_mlp * self.mlp(self.norm2(merged + update))
 
-        x = x + ungroup_tokens(unmerge_tokens(update, labels), group, pad_hw, (H, W))
+        update = update.new_zeros(labels.shape[0] * K, C).index_copy(0, slot, update)
+        update = unmerge_tokens(update.reshape(-1, K, C), labels)
+        x = x + ungroup_tokens(update, group, pad_hw, (H, W))
         if self.use_residual_block:
             x = self.residual(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if s.record_source:
