@@ -63,8 +63,8 @@ def add_atc_config(cfg: CN) -> None:
     # Fraction of tokens KEPT (as clusters) in each reduced block, in (0, 1]:
     # one value for all BLOCKS, or one value per entry of BLOCKS.
     cfg.MODEL.ATC.KEEP_RATE = [0.5]
-    # Indexes of the ViT blocks that cluster their tokens.
-    cfg.MODEL.ATC.BLOCKS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    # Indexes of the ViT blocks that cluster their tokens; empty: every block but the first.
+    cfg.MODEL.ATC.BLOCKS = []
     # Features clustered: "keys" (attention keys of the block's own input) or "input" (normed input).
     cfg.MODEL.ATC.METRIC = "keys"
     # Add log(cluster size) to the attention logits (proportional attention).
