@@ -9,10 +9,12 @@ Detectron2's). A reduced block, on ``x`` [B, H, W, C]:
    window padding is marked invalid and never joins a real token's cluster;
 2. clusters every group into the same number K of clusters in one batched call, on the attention
    keys (heads averaged) or on the normalised input of the block;
-3. runs attention + MLP on the size-weighted mean tokens, with proportional attention
-   (+ log cluster size on the logits) and decomposed relative positions evaluated at the clusters'
-   centroids by linear interpolation (exact at integer positions; see ``docs/atc_vitdet.md``);
-   in a global block the cluster tokens of all windows of an image attend to each other;
+3. runs attention + MLP on the size-weighted mean tokens (only the used clusters: no padding
+   or empty slots), with proportional attention (+ log cluster size on the logits) and
+   decomposed relative positions for a cluster's position given as a distribution over the
+   lattice lines: its centroid's linear-interpolation weights (default) or its member histogram
+   (exact mean over member pairs); see ``docs/atc_vitdet.md``. In a global block the cluster
+   tokens of all windows of an image attend to each other;
 4. scatters each cluster's residual update back to its members, so the block returns the dense
    [B, H, W, C] map that the next block and ``SimpleFeaturePyramid`` expect.
 """
@@ -37,6 +39,7 @@ LINKAGES = ("single", "complete", "average")
 METHODS = ("atc", "tome", "kmedoids", "dpcknn", "random")
 METRICS = ("keys", "input")
 SCOPES = ("window", "image")
+REL_POS = ("centroid", "mean")
 
 
 @dataclass
@@ -51,6 +54,7 @@ class ATCSettings:
     scope: str = "window"
     window_size: int = 14
     threshold: float | None = None
+    rel_pos: str = "centroid"
     record_source: bool = False
     method_kwargs: dict = field(default_factory=dict)
 
@@ -123,21 +127,17 @@ def interpolation_weights(coord: Tensor, size: int) -> Tensor:
     return (1 - (coord[..., None] - grid).abs()).clamp(min=0)
 
 
-def query_rel_pos_terms(q: Tensor, coord: Tensor, table: Tensor, size: int) -> Tensor:
-    """Per-query relative-position logits towards every grid line of one axis.
+def query_rel_pos_terms(q: Tensor, weights: Tensor, table: Tensor) -> Tensor:
+    """Per-query relative-position logits towards every line of one lattice axis.
 
-    q [G, h, T, D] (unscaled queries), coord [G, T] fractional query coordinate, table
-    [2 * size - 1, D] -> [G, h, T, size]: entry r is q . table(coord - r), linearly
-    interpolated in the offset (exact for integer coordinates).
+    q [A, h, L, D] (unscaled queries), weights [A, L, S]: each query's position as a distribution
+    over the S lattice lines, table [2S - 1, D] (offset o at row o + S - 1) -> [A, h, L, S]:
+    entry r is sum_a weights[a] * q . table(a - r).
     """
-    length = table.shape[0]
-    proj = q @ table.t()  # [G, h, T, L]
-    offset = coord[:, :, None] - torch.arange(size, device=q.device, dtype=q.dtype) + (size - 1)
-    low = offset.floor().clamp(0, max(length - 2, 0))
-    frac = (offset - low)[:, None]
-    low = low.long()[:, None].expand(-1, q.shape[1], -1, -1)
-    high = (low + 1).clamp(max=length - 1)
-    return proj.gather(-1, low) * (1 - frac) + proj.gather(-1, high) * frac
+    size = weights.shape[-1]
+    lines = torch.arange(size, device=q.device)
+    lattice = table[lines[:, None] - lines[None, :] + size - 1]  # [a, r, D]
+    return torch.einsum("nhld,nlrd->nhlr", q, torch.einsum("nla,ard->nlrd", weights, lattice))
 
 
 def attention_layout(used: Tensor, num_rows: int) -> tuple[Tensor, Tensor, int]:
@@ -158,18 +158,18 @@ def attention_layout(used: Tensor, num_rows: int) -> tuple[Tensor, Tensor, int]:
 def cluster_attention(
     attn: Attention,
     tokens: Tensor,
-    coords: Tensor,
+    positions: tuple[Tensor, Tensor],
     key_bias: Tensor,
     layout: tuple[Tensor, int, int],
-    grid: tuple[int, int],
 ) -> Tensor:
-    """Detectron2 ``Attention`` over (cluster) tokens at fractional positions.
+    """Detectron2 ``Attention`` over (cluster) tokens whose positions are distributions.
 
-    tokens [T, C] (normalised), coords [T, 2] (row, col) on a ``grid`` = (rows, cols) lattice,
-    key_bias [T] added to the logits of each key (log size). ``layout`` = (position [T] in the
-    flat attention layout, rows A, length L): tokens attend to the tokens of their row; empty
-    places are masked. Relative positions: logit(i, j) += q_i . Rh(r_i - r_j) + q_i . Rw(c_i - c_j)
-    with both positions linearly interpolated, i.e. Detectron2's term at integer positions.
+    tokens [T, C] (normalised); positions = (row weights [T, Sh], col weights [T, Sw]): each
+    token's position as a distribution over the lattice rows / cols; key_bias [T] added to the
+    logits of each key (log size). ``layout`` = (position [T] in the flat attention layout,
+    rows A, length L): tokens attend to the tokens of their row; empty places are masked.
+    Relative positions: logit(i, j) += sum_ab wi[a] wj[b] q_i . R(a - b) per axis, i.e. exactly
+    Detectron2's term for one-hot (single-token) positions.
     Returns [T, C].
     """
     position, num_rows, length = layout
@@ -185,24 +185,20 @@ def cluster_attention(
     key_bias = placed(key_bias, float("-inf"))
     scaled_q = q * attn.scale
     if attn.use_rel_pos:
-        rows, cols = grid
-        coords = placed(coords, 0.0)
-        table_h = resized_rel_pos_table(attn.rel_pos_h, rows)
-        table_w = resized_rel_pos_table(attn.rel_pos_w, cols)
-        # Bilinear form: [q*s, Qh, Qw] . [k, Mh, Mw] adds both rel-pos terms in one matmul.
+        row_weights, col_weights = (placed(w, 0.0) for w in positions)
+        table_h = resized_rel_pos_table(attn.rel_pos_h, row_weights.shape[-1])
+        table_w = resized_rel_pos_table(attn.rel_pos_w, col_weights.shape[-1])
+        # Bilinear form: [q*s, Qh, Qw] . [k, Wh, Ww] adds both rel-pos terms in one matmul.
         scaled_q = torch.cat(
             [
                 scaled_q,
-                query_rel_pos_terms(q, coords[..., 0], table_h, rows),
-                query_rel_pos_terms(q, coords[..., 1], table_w, cols),
+                query_rel_pos_terms(q, row_weights, table_h),
+                query_rel_pos_terms(q, col_weights, table_w),
             ],
             dim=-1,
         )
-        key_weights = torch.cat(
-            [interpolation_weights(coords[..., 0], rows), interpolation_weights(coords[..., 1], cols)],
-            dim=-1,
-        )
-        k = torch.cat([k, key_weights[:, None].expand(-1, heads, -1, -1)], dim=-1)
+        key_weights = torch.cat([row_weights, col_weights], dim=-1)[:, None]
+        k = torch.cat([k, key_weights.expand(-1, heads, -1, -1)], dim=-1)
     logits = scaled_q @ k.transpose(-2, -1) + key_bias[:, None, None, :]
     out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(num_rows * length, C)
     return attn.proj(out[position])
@@ -276,17 +272,26 @@ class ATCBlock(Block):
         labels, K = self._cluster(normed, valid)
 
         merged, size = merge_tokens(tokens, labels, K)
-        extra, _ = merge_tokens(torch.cat([coords, valid[..., None].to(x.dtype)], -1), labels, K)
-        centroids, real = extra[..., :2], extra[..., 2] > 0
         if windowed:
             # Each window attends within itself; its padding clusters are keys, as in Detectron2.
-            centroids = centroids - coords[:, :1]
-            grid, used, rows = (self.window_size, self.window_size), size > 0, labels.shape[0]
+            coords = coords - coords[:, :1]
+            grid, rows = (self.window_size, self.window_size), labels.shape[0]
         else:
             # The clusters of all windows of an image attend to each other; padding is dropped.
-            grid, used, rows = (H, W), real, B
-        slot, position, length = attention_layout(used, rows)
-        image = slot // (used.numel() // B)  # image of each used cluster
+            grid, rows = (H, W), B
+        extra = [valid[..., None].to(x.dtype), coords]
+        if s.rel_pos == "mean":
+            extra += [interpolation_weights(coords[..., 0], grid[0]),
+                      interpolation_weights(coords[..., 1], grid[1])]
+        extra, _ = merge_tokens(torch.cat(extra, -1), labels, K)
+        real = extra[..., 0] > 0
+        if s.rel_pos == "mean":  # member histograms over the lattice rows / cols
+            row_weights, col_weights = extra[..., 3:].split(grid, dim=-1)
+        else:  # linear-interpolation weights of the size-weighted centroid
+            row_weights = interpolation_weights(extra[..., 1], grid[0])
+            col_weights = interpolation_weights(extra[..., 2], grid[1])
+        slot, position, length = attention_layout(size > 0 if windowed else real, rows)
+        image = slot // (size.numel() // B)  # image of each used cluster
         key_bias = attention_size_bias(size)[:, 0, 0] if s.prop_attn else torch.zeros_like(size)
 
         merged = merged.reshape(-1, C)[slot]
@@ -297,10 +302,9 @@ class ATCBlock(Block):
         update = drop_attn * cluster_attention(
             self.attn,
             normed,
-            centroids.reshape(-1, 2)[slot],
+            (row_weights.reshape(-1, grid[0])[slot], col_weights.reshape(-1, grid[1])[slot]),
             key_bias.flatten()[slot],
             (position, rows, length),
-            grid,
         )
         update = update + drop_mlp * self.mlp(self.norm2(merged + update))
 
@@ -330,6 +334,7 @@ def _checked_settings(
     metric: str,
     scope: str,
     threshold: float | None,
+    rel_pos: str,
 ) -> tuple[list[int], list[float]]:
     """Validate :func:`apply_atc` arguments; returns (block indexes, keep rate per block)."""
     if method not in METHODS:
@@ -340,6 +345,8 @@ def _checked_settings(
         raise ValueError(f"metric (MODEL.ATC.METRIC) must be one of {METRICS}, got {metric!r}")
     if scope not in SCOPES:
         raise ValueError(f"scope (MODEL.ATC.SCOPE) must be one of {SCOPES}, got {scope!r}")
+    if rel_pos not in REL_POS:
+        raise ValueError(f"rel_pos must be one of {REL_POS}, got {rel_pos!r}")
     if threshold is not None and method != "atc":
         raise ValueError(
             f"threshold (MODEL.ATC.THRESHOLD) needs method 'atc', got {method!r}; "
@@ -379,6 +386,7 @@ def apply_atc(
     prop_attn: bool = True,
     scope: str = "window",
     threshold: float | None = None,
+    rel_pos: str = "centroid",
 ) -> ViT:
     """Make selected blocks of a built Detectron2 ``ViT`` cluster their tokens (in place).
 
@@ -396,12 +404,15 @@ def apply_atc(
             cluster per attention window).
         threshold: dynamic ATC stopping (merge while the linkage distance <= threshold) instead of
             a keep rate; None uses ``keep_rate``.
+        rel_pos: relative position of a cluster for ViTDet's decomposed rel-pos: "centroid"
+            (size-weighted centroid, tables linearly interpolated) or "mean" (the exact mean of
+            Detectron2's term over all member pairs of the query and key clusters).
     Returns ``vit``, whose parameters and their names are unchanged.
     """
     if not isinstance(vit, ViT):
         raise TypeError(f"apply_atc needs a detectron2.modeling.ViT, got {type(vit).__name__}")
     block_ids, rates = _checked_settings(
-        len(vit.blocks), keep_rate, linkage, blocks, method, metric, scope, threshold
+        len(vit.blocks), keep_rate, linkage, blocks, method, metric, scope, threshold, rel_pos
     )
     window_sizes = [b.window_size for b in vit.blocks if b.window_size > 0]
     window_size = window_sizes[0] if window_sizes else 14
@@ -423,6 +434,7 @@ def apply_atc(
             scope=scope,
             window_size=window_size,
             threshold=threshold,
+            rel_pos=rel_pos,
             method_kwargs=method_kwargs,
         )
         block._atc_source_map = None
@@ -438,7 +450,7 @@ def apply_atc_from_cfg(vit: ViT, cfg) -> ViT:
         vit,
         keep_rate=keep,
         linkage=atc.LINKAGE,
-        blocks=list(atc.BLOCKS),
+        blocks=list(atc.BLOCKS) or None,
         method=atc.METHOD,
         metric=atc.METRIC,
         prop_attn=bool(atc.PROP_ATTN),
