@@ -43,21 +43,22 @@ def features(vit: ViT, images: torch.Tensor) -> torch.Tensor:
         return vit(images)["last_feat"]
 
 
-@pytest.mark.parametrize("scope", ["window", "image"])
+@pytest.mark.parametrize("scope,rel_pos", [("window", "centroid"), ("image", "mean")])
 @pytest.mark.parametrize("batch,height,width", SHAPES)
-def test_keep_rate_one_equals_detectron2(batch, height, width, scope):
+def test_keep_rate_one_equals_detectron2(batch, height, width, scope, rel_pos):
     stock = small_vit(residual_block_indexes=[1])
-    patched = apply_atc(copy.deepcopy(stock), keep_rate=1.0, blocks=range(4), scope=scope)
+    patched = apply_atc(copy.deepcopy(stock), keep_rate=1.0, blocks=range(4), scope=scope, rel_pos=rel_pos)
     images = torch.randn(batch, 3, height, width)
     expected = features(stock, images)
     torch.testing.assert_close(features(patched, images), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_zero_threshold_clusters_nothing_and_equals_detectron2():
+@pytest.mark.parametrize("rel_pos", ["centroid", "mean"])
+def test_zero_threshold_clusters_nothing_and_equals_detectron2(rel_pos):
     # Distance threshold 0 keeps distinct tokens apart, so the clustered path must reproduce the
     # stock model (labels come from the clustering call, not from a keep-rate-1 shortcut).
     stock = small_vit()
-    patched = apply_atc(copy.deepcopy(stock), blocks=range(4), threshold=0.0)
+    patched = apply_atc(copy.deepcopy(stock), blocks=range(4), threshold=0.0, rel_pos=rel_pos)
     images = torch.randn(2, 3, 224, 224)
     torch.testing.assert_close(features(patched, images), features(stock, images), rtol=1e-4, atol=1e-5)
 
@@ -101,8 +102,21 @@ def test_every_method_scope_and_metric_runs(method, scope, metric):
     assert out.shape == (2, 64, 12, 19) and torch.isfinite(out).all()
 
 
-def test_gradients_reach_every_parameter():
-    vit = apply_atc(small_vit(), keep_rate=[0.5, 0.25, 0.75], blocks=[1, 2, 3]).train()
+def test_rel_pos_modes_differ_only_for_merged_tokens():
+    stock = small_vit()
+    images = torch.randn(1, 3, 200, 312)
+    centroid, mean = (
+        features(apply_atc(copy.deepcopy(stock), keep_rate=0.5, rel_pos=mode), images)
+        for mode in ("centroid", "mean")
+    )
+    assert torch.isfinite(mean).all() and not torch.allclose(centroid, mean, atol=1e-4)
+    with pytest.raises(ValueError, match="rel_pos"):
+        apply_atc(copy.deepcopy(stock), rel_pos="nearest")
+
+
+@pytest.mark.parametrize("rel_pos", ["centroid", "mean"])
+def test_gradients_reach_every_parameter(rel_pos):
+    vit = apply_atc(small_vit(), keep_rate=[0.5, 0.25, 0.75], blocks=[1, 2, 3], rel_pos=rel_pos).train()
     vit(torch.randn(2, 3, 200, 312))["last_feat"].square().mean().backward()
     for name, param in vit.named_parameters():
         assert param.grad is not None, name
