@@ -187,3 +187,39 @@ def test_bad_settings_raise_one_clear_error(keys, message):
 def test_apply_atc_rejects_other_modules():
     with pytest.raises(TypeError, match="detectron2.modeling.ViT"):
         apply_atc(torch.nn.Linear(2, 2), keep_rate=0.5)
+
+
+def test_official_checkpoint_in_atc_model_equals_detectron2_lazyconfig_vitdet(tmp_path):
+    """configs/atc_vitdet_b.yaml (shrunk) loads an official-format .pkl of Detectron2's own
+    LazyConfig ViTDet with no missing or unexpected keys; at keep rate 1.0 its backbone gives
+    Detectron2's features, and at 0.5 the whole detector runs."""
+    from detectron2.modeling import build_model
+    from test_vitdet_model import TINY_VIT, _write_model_zoo_pkl, lazy_vitdet, ours
+
+    from atc_det.engine import Checkpointer
+
+    torch.manual_seed(0)
+    theirs = lazy_vitdet(**TINY_VIT)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "rel_pos" in name:
+                param.normal_(0, 0.5)
+    path = str(tmp_path / "model_final.pkl")
+    _write_model_zoo_pkl(path, theirs.state_dict())
+    _, cfg = ours("atc_vitdet_b.yaml", **TINY_VIT)
+    images = torch.randn(1, 3, 320, 320)
+    for keep in (1.0, 0.5):
+        cfg.defrost()
+        cfg.MODEL.ATC.KEEP_RATE = [keep]
+        model = build_model(cfg).eval()
+        assert type(model.backbone.net.blocks[1]).__name__ == "ATCBlock"
+        Checkpointer(model, strict=True).load(path)  # raises on any key mismatch
+        with torch.no_grad():
+            if keep == 1.0:
+                expected, out = theirs.backbone(images), model.backbone(images)
+                for level in expected:
+                    torch.testing.assert_close(out[level], expected[level], rtol=1e-4, atol=1e-4)
+            else:
+                image = torch.randint(0, 255, (3, 200, 296)).float()
+                result = model([{"image": image, "height": 200, "width": 296}])[0]["instances"]
+                assert len(result) > 0 and torch.isfinite(result.pred_boxes.tensor).all()
