@@ -211,12 +211,15 @@ def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: f
             partner = torch.where(mutual, nearest, rank).gather(1, keep)
             size_a, size_b = size.gather(1, keep), size.gather(1, partner)
             weight_a = size_a / (size_a + size_b)
-            rows_a = dist.gather(1, keep[..., None].expand(-1, -1, n))  # [B, m + 1, n]
-            rows_b = dist.gather(1, partner[..., None].expand(-1, -1, n))
-            upd = _combine(linkage, rows_a, rows_b, weight_a[..., None], (1 - weight_a)[..., None])
-            cols_a = upd.gather(2, keep[:, None, :].expand(-1, m + 1, -1))  # [B, m + 1, m + 1]
-            cols_b = upd.gather(2, partner[:, None, :].expand(-1, m + 1, -1))
-            dist = _combine(linkage, cols_a, cols_b, weight_a[:, None, :], (1 - weight_a)[:, None, :])
+            # Rows, then (on the transposed result) columns: [B, n, n] -> [B, m + 1, m + 1].
+            offset = torch.arange(batch, device=device)[:, None] * n
+            keep_rows, partner_rows = (keep + offset).view(-1), (partner + offset).view(-1)
+            weight_a, weight_b = weight_a[..., None], (1 - weight_a)[..., None]
+            for _ in range(2):
+                flat = dist.reshape(-1, dist.shape[-1])
+                rows_a = flat.index_select(0, keep_rows).view(batch, m + 1, -1)
+                rows_b = flat.index_select(0, partner_rows).view(batch, m + 1, -1)
+                dist = _combine(linkage, rows_a, rows_b, weight_a, weight_b).mT.contiguous()
             merged = partner != keep
             size = size_a + torch.where(merged, size_b, 0)
             own_height = torch.where(merged, merge_height.gather(1, keep), own_height.gather(1, keep))
