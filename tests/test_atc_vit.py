@@ -158,11 +158,12 @@ def atc_cfg(**keys):
 
 
 def test_apply_atc_from_cfg_uses_the_keys():
-    cfg = atc_cfg(KEEP_RATE=[0.75, 0.5], BLOCKS=[2, 3], METHOD="tome", SCOPE="image")
+    cfg = atc_cfg(KEEP_RATE=[0.75, 0.5], BLOCKS=[2, 3], METHOD="tome", SCOPE="image", REL_POS="mean")
     vit = apply_atc_from_cfg(small_vit(), cfg)
     assert [type(b).__name__ for b in vit.blocks] == ["Block", "Block", "ATCBlock", "ATCBlock"]
     assert [b._atc.keep_rate for b in vit.blocks[2:]] == [0.75, 0.5]
-    assert {(b._atc.method, b._atc.scope) for b in vit.blocks[2:]} == {("tome", "image")}
+    settings = {(b._atc.method, b._atc.scope, b._atc.rel_pos) for b in vit.blocks[2:]}
+    assert settings == {("tome", "image", "mean")}
 
 
 @pytest.mark.parametrize(

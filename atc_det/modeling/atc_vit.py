@@ -7,8 +7,10 @@ Detectron2's). A reduced block, on ``x`` [B, H, W, C]:
 1. splits the tokens into clustering groups: the block's attention windows (windowed blocks), the
    same 14x14 windows (global blocks, ``scope="window"``) or the whole image (``scope="image"``);
    window padding is marked invalid and never joins a real token's cluster;
-2. clusters every group into the same number K of clusters in one batched call, on the attention
-   keys (heads averaged) or on the normalised input of the block;
+2. clusters the groups on the attention keys (heads averaged) or on the normalised input of the
+   block: every full window into the same K = round(keep_rate * 196) clusters in one batched
+   call; a window with padding keeps the same fraction of its real tokens, plus one padding
+   cluster;
 3. runs attention + MLP on the size-weighted mean tokens (only the used clusters: no padding
    or empty slots), with proportional attention (+ log cluster size on the logits) and
    decomposed relative positions for a cluster's position given as a distribution over the
@@ -456,6 +458,7 @@ def apply_atc_from_cfg(vit: ViT, cfg) -> ViT:
         prop_attn=bool(atc.PROP_ATTN),
         scope=atc.SCOPE,
         threshold=None if atc.THRESHOLD < 0 else float(atc.THRESHOLD),
+        rel_pos=atc.get("REL_POS", "centroid"),  # MODEL.ATC.REL_POS: "centroid" or "mean"
     )
 
 
