@@ -66,22 +66,25 @@ def evaluate(cfg, weights: str, atc: dict | None, stock_features: list[torch.Ten
 
 
 def plot(rows: list[dict], keep_rates: list[float], path: str) -> None:
-    """AP against keep rate, one line per method; box and mask AP side by side."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    """Box AP, mask AP and feature error against keep rate, one line per method."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharex=True)
     stock = next(r for r in rows if r["method"] == "stock")
-    for ax, metric, title in zip(axes, ("box_ap", "mask_ap"), ("box AP", "mask AP")):
+    for ax, metric, title in zip(axes, ("box_ap", "mask_ap", "feature_error"),
+                                 ("box AP", "mask AP", "backbone feature error vs stock")):
         for label in [s[0] for s in SETTINGS] + [MEAN_REL_POS]:
             points = sorted(((r["keep_rate"], r[metric]) for r in rows if r["method"] == label), reverse=True)
             style = "--" if label == MEAN_REL_POS else "-"
             ax.plot(*zip(*[(1.0, stock[metric])] + points), style, marker="o", label=label)
         ax.axhline(stock[metric], color="gray", linestyle=":", linewidth=1)
         ax.set_xlabel("keep rate (fraction of tokens kept, blocks 1..)")
-        ax.set_title(f"toy ViTDet, off the shelf: {title}")
+        ax.set_title(title)
         ax.set_xticks([1.0] + keep_rates)
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("COCO AP")
-    axes[1].legend(fontsize=8)
+    axes[2].set_ylabel("mean ||f - f_stock|| / ||f_stock||")
+    axes[2].legend(fontsize=8)
+    fig.suptitle("toy ViTDet, clustering off the shelf (no fine-tuning)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
