@@ -71,6 +71,9 @@ def add_atc_config(cfg: CN) -> None:
     cfg.MODEL.ATC.PROP_ATTN = True
     # "window": cluster each 14x14 window with the same K (batched); "image": cluster the image.
     cfg.MODEL.ATC.SCOPE = "window"
+    # Relative positions of a merged token: "centroid" (tables interpolated at the size-weighted
+    # centroid) or "mean" (exact mean over member pairs); see docs/atc_vitdet.md.
+    cfg.MODEL.ATC.REL_POS = "centroid"
     # Dynamic stopping: merge while the linkage distance <= THRESHOLD; < 0 uses KEEP_RATE.
     cfg.MODEL.ATC.THRESHOLD = -1.0
 
