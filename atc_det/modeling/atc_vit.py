@@ -458,7 +458,7 @@ def apply_atc_from_cfg(vit: ViT, cfg) -> ViT:
         prop_attn=bool(atc.PROP_ATTN),
         scope=atc.SCOPE,
         threshold=None if atc.THRESHOLD < 0 else float(atc.THRESHOLD),
-        rel_pos=atc.get("REL_POS", "centroid"),  # MODEL.ATC.REL_POS: "centroid" or "mean"
+        rel_pos=atc.REL_POS,
     )
 
 
