@@ -27,12 +27,39 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from detectron2.config import CfgNode, get_cfg
+from detectron2.utils.env import seed_all_rng
+
 from atc_det import visualize
+from atc_det.config import add_atc_det_config
 from atc_det.engine import Checkpointer, Trainer, load_config
+from atc_det.modeling.atc_vit import METHODS
+
+
+def first_config_key(argv: list[str]) -> int:
+    """Index of the first full config key (e.g. ``MODEL.ATC.KEEP_RATE``, ``SEED``) in ``argv``,
+    ``len(argv)`` if none."""
+    defaults = get_cfg()
+    add_atc_det_config(defaults)
+    missing = object()
+    for index, token in enumerate(argv):
+        node = defaults
+        for part in token.split("."):
+            node = node.get(part, missing) if isinstance(node, CfgNode) else missing
+        if node is not missing and not isinstance(node, CfgNode):
+            return index
+    return len(argv)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Options, then ``KEY VALUE`` overrides: the first config key and all after it go to
+    ``args.opts``, so they may directly follow --keep-rates / --methods (several values each)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first_key = first_config_key(argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="KEY VALUE config overrides go last; the first config key starts them.",
+    )
     parser.add_argument("--config", "--config-file", dest="config_file", required=True, metavar="FILE")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="an image file or a folder of images")
@@ -40,11 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=4, help="images taken from --dataset")
     parser.add_argument("--output", required=True, help="folder for the PNG files")
     parser.add_argument("--keep-rates", type=float, nargs="*", default=[0.75, 0.5, 0.25])
-    parser.add_argument("--methods", nargs="*", default=["atc", "tome"])
+    parser.add_argument("--methods", nargs="*", default=["atc", "tome"], choices=METHODS)
     parser.add_argument("--tile-size", type=int, default=256, help="long side of a sheet's tiles")
     parser.add_argument("--score-threshold", type=float, default=0.5)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv[:first_key])
+    args.opts = argv[first_key:]
+    return args
 
 
 def image_sources(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -92,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--tile-size must be >= 16 pixels, got {args.tile_size}")
     cfg = load_config(args.config_file, list(args.opts) + ["MODEL.ATC.ENABLED", "True"])
     sources = image_sources(args)
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)  # the same random weights on every run
     model = Trainer.build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
         Checkpointer(model, strict=cfg.MODEL.WEIGHTS_STRICT).load(cfg.MODEL.WEIGHTS)
