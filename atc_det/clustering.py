@@ -5,7 +5,9 @@ each cluster finds its nearest neighbour, and all mutual nearest-neighbour pairs
 merge at once, with Lance-Williams updates of a ``[B, n, n]`` distance matrix that is compacted
 to the surviving clusters after each round. For the reducible linkages supported here (single,
 complete, average) every such merge is a merge of the exact greedy dendrogram, so the result
-equals SciPy's ``linkage`` + ``fcluster`` (up to relabelling and ties). There is no Python loop
+equals SciPy's ``linkage`` + ``fcluster`` (up to relabelling and ties). Single linkage uses
+Borůvka rounds instead (every cluster joins its nearest neighbour; exact spanning-tree edges),
+so it needs at most ``log2 N`` rounds; the cut is Kruskal's on those edges. There is no Python loop
 over merges and one host synchronisation per round (the compacted size); the number of rounds
 is about ``log N`` on real data and at most ``N - 1``.
 
