@@ -175,8 +175,7 @@ def cluster_attention(
     Returns [T, C].
     """
     position, num_rows, length = layout
-    T, C = tokens.shape
-    heads = attn.num_heads
+    C, heads = tokens.shape[-1], attn.num_heads
 
     def placed(values: Tensor, fill: float) -> Tensor:
         out = values.new_full((num_rows * length, *values.shape[1:]), fill)
@@ -317,8 +316,8 @@ class ATCBlock(Block):
             x = self.residual(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if s.record_source:
             offsets = torch.arange(labels.shape[0], device=x.device) % (labels.shape[0] // B) * K
-            ids = (labels + offsets[:, None])[..., None].to(x.dtype)
-            self._atc_source_map = ungroup_tokens(ids, group, pad_hw, (H, W))[..., 0].long()
+            ids = (labels + offsets[:, None])[..., None]
+            self._atc_source_map = ungroup_tokens(ids, group, pad_hw, (H, W))[..., 0]
         return x
 
 
