@@ -176,6 +176,7 @@ def test_apply_atc_from_cfg_uses_the_keys():
         (dict(METHOD="kmeans"), "MODEL.ATC.METHOD"),
         (dict(METRIC="values"), "MODEL.ATC.METRIC"),
         (dict(SCOPE="batch"), "MODEL.ATC.SCOPE"),
+        (dict(REL_POS="nearest"), "MODEL.ATC.REL_POS"),
         (dict(BLOCKS=[4]), "MODEL.ATC.BLOCKS"),
         (dict(METHOD="tome", THRESHOLD=0.5), "MODEL.ATC.THRESHOLD"),
     ],

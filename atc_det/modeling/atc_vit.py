@@ -347,7 +347,7 @@ def _checked_settings(
     if scope not in SCOPES:
         raise ValueError(f"scope (MODEL.ATC.SCOPE) must be one of {SCOPES}, got {scope!r}")
     if rel_pos not in REL_POS:
-        raise ValueError(f"rel_pos must be one of {REL_POS}, got {rel_pos!r}")
+        raise ValueError(f"rel_pos (MODEL.ATC.REL_POS) must be one of {REL_POS}, got {rel_pos!r}")
     if threshold is not None and method != "atc":
         raise ValueError(
             f"threshold (MODEL.ATC.THRESHOLD) needs method 'atc', got {method!r}; "
