@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-BORDER_COLOR = (255, 255, 255)
 CAPTION_HEIGHT = 18  # pixels of caption strip above every tile of a sheet
 SHEET_PAD = 4  # pixels between tiles and around the sheet
 
@@ -106,10 +105,11 @@ def paint_clusters(image: np.ndarray, pixel_map: Tensor | np.ndarray) -> np.ndar
 
 
 def draw_cluster_borders(
-    image: np.ndarray, pixel_map: Tensor | np.ndarray, color: tuple[int, int, int] = BORDER_COLOR
+    image: np.ndarray, pixel_map: Tensor | np.ndarray, color: tuple[int, int, int] | None = None
 ) -> np.ndarray:
-    """``image`` [H, W, 3] with ``color`` on every pixel whose right or lower neighbour is in
-    another cluster of ``pixel_map`` [H, W] (one-pixel borders)."""
+    """``image`` [H, W, 3] with a border on every pixel whose right or lower neighbour is in
+    another cluster of ``pixel_map`` [H, W] (one-pixel lines). ``color`` None: black on light
+    pixels, white on dark ones (luma < 128), so borders show on any colour."""
     pixel_map = np.asarray(pixel_map)
     if image.shape[:2] != pixel_map.shape:
         raise ValueError(f"image {image.shape[:2]} and pixel_map {pixel_map.shape} sizes differ")
@@ -117,7 +117,11 @@ def draw_cluster_borders(
     border[:, :-1] |= pixel_map[:, 1:] != pixel_map[:, :-1]
     border[:-1, :] |= pixel_map[1:, :] != pixel_map[:-1, :]
     out = image.copy()
-    out[border] = color
+    if color is None:
+        luma = image[border].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        out[border] = np.where(luma[:, None] < 128, 255, 0).astype(np.uint8)
+    else:
+        out[border] = color
     return out
 
 
@@ -144,8 +148,9 @@ def make_sheet(
     """A white grid of equal-size RGB tiles, each under a one-line caption.
 
     ``tiles[r][c]`` [h, w, 3] goes to rows ``SHEET_PAD + r * (CAPTION_HEIGHT + h + SHEET_PAD) +
-    CAPTION_HEIGHT`` and columns ``SHEET_PAD + c * (w + SHEET_PAD)``; rows may be shorter than the
-    longest (left-aligned). Returns [H, W, 3] uint8.
+    CAPTION_HEIGHT`` and columns ``SHEET_PAD + c * (w + SHEET_PAD)``, its caption (clipped to the
+    tile width) just above; rows may be shorter than the longest (left-aligned). Returns
+    [H, W, 3] uint8.
     """
     if not tiles or not all(tiles) or len(captions) != len(tiles):
         raise ValueError("make_sheet needs a non-empty row of tiles and one caption row per row")
@@ -160,7 +165,6 @@ def make_sheet(
          SHEET_PAD + len(tiles) * (CAPTION_HEIGHT + tile_h + SHEET_PAD)),
         (255, 255, 255),
     )
-    draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=12)
     for r, (row, row_captions) in enumerate(zip(tiles, captions)):
         if len(row_captions) != len(row):
@@ -168,7 +172,9 @@ def make_sheet(
         top = SHEET_PAD + r * (CAPTION_HEIGHT + tile_h + SHEET_PAD)
         for c, (tile, caption) in enumerate(zip(row, row_captions)):
             left = SHEET_PAD + c * (tile_w + SHEET_PAD)
-            draw.text((left + 1, top + 2), caption, fill=(0, 0, 0), font=font)
+            strip = Image.new("RGB", (tile_w, CAPTION_HEIGHT), (255, 255, 255))
+            ImageDraw.Draw(strip).text((1, 2), caption, fill=(0, 0, 0), font=font)  # clipped
+            sheet.paste(strip, (left, top))
             sheet.paste(Image.fromarray(tile), (left, top + CAPTION_HEIGHT))
     return np.asarray(sheet)
 
@@ -311,7 +317,7 @@ def _block_tiles(
     maps = source_maps_for_image(model, image)
     predictions = draw_predictions(image, predict_instances(model, image, score_threshold), metadata)
     tiles = [render_merged_tokens(image, ids, patch_size, tile_hw) for ids in maps.values()]
-    captions = [f"block {b}: {ids.unique().numel()}/{ids.numel()} tokens" for b, ids in maps.items()]
+    captions = [f"block {b}: {ids.unique().numel()} of {ids.numel()}" for b, ids in maps.items()]
     return maps, predictions, tiles + [resize_rgb(predictions, tile_hw)], captions + ["predictions"]
 
 
@@ -347,7 +353,7 @@ def merged_token_pictures(
                 set_atc(model, cfg, keep_rate, method)
                 _, _, tiles, captions = _block_tiles(model, image, tile_hw, score_threshold, metadata)
                 rows.append(tiles)
-                row_captions.append([f"{method} keep {keep_rate:g} | {c}" for c in captions])
+                row_captions.append([f"{method} {keep_rate:g} | {c}" for c in captions])
     finally:
         set_atc(model, cfg)
     if rows:

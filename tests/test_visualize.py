@@ -118,6 +118,10 @@ def test_borders_are_drawn_where_a_neighbour_is_in_another_cluster():
     expected[3, :] = True  # above the 0/1 | 2 edge
     np.testing.assert_array_equal(drawn[..., 0] == 255, expected)
     assert not image.any()  # input untouched
+    # default colour: white on dark pixels, black on light ones
+    np.testing.assert_array_equal(visualize.draw_cluster_borders(image, labels).all(-1), expected)
+    light = np.full_like(image, 200)
+    np.testing.assert_array_equal(visualize.draw_cluster_borders(light, labels).any(-1), ~expected)
 
 
 def test_sheet_places_every_tile_at_its_documented_position():
@@ -130,6 +134,9 @@ def test_sheet_places_every_tile_at_its_documented_position():
         for c, tile in enumerate(row):
             top, left = pad + r * (caption + 30 + pad) + caption, pad + c * (40 + pad)
             np.testing.assert_array_equal(sheet[top : top + 30, left : left + 40], tile)
+    # captions stay above their own tile (a long one is clipped at the tile's right edge)
+    long = visualize.make_sheet([[tiles[0][0]] * 2], [["x" * 200, ""]])
+    assert (long[pad : pad + caption, pad + 40 :] == 255).all()
     with pytest.raises(ValueError, match="one shape"):
         visualize.make_sheet([[tiles[0][0], tiles[0][0][:10]]], [["a", "b"]])
 
