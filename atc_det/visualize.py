@@ -71,22 +71,18 @@ def pixel_cluster_map(
 ) -> Tensor:
     """Cluster id of every pixel of an image drawn at ``out_hw``: [h, w] patches -> [oh, ow].
 
-    ``patch_map`` [h, w] covers (at least) the ``image_hw`` = (H, W) pixels of the model input,
+    ``patch_map`` [h, w] is the patch grid of the model input of ``image_hw`` = (H, W) pixels,
     patch (r, c) covering pixels [r * p, (r + 1) * p) x [c * p, (c + 1) * p); patches beyond the
-    image (padding) are cropped. Output pixel (y, x) shows input pixel
-    (floor((y + 0.5) * H / oh), floor((x + 0.5) * W / ow)).
+    image (padding) are cropped, and pixels beyond the grid (an input not padded to a multiple
+    of p: the patch embedding drops them) take the last patch. Output pixel (y, x) shows input
+    pixel (floor((y + 0.5) * H / oh), floor((x + 0.5) * W / ow)).
     """
     height, width = image_hw
     out_h, out_w = out_hw or image_hw
     if patch_map.dim() != 2:
         raise ValueError(f"patch_map must be [h, w], got shape {tuple(patch_map.shape)}")
-    if patch_map.shape[0] * patch_size < height or patch_map.shape[1] * patch_size < width:
-        raise ValueError(
-            f"patch_map {tuple(patch_map.shape)} x patch {patch_size} does not cover an image of "
-            f"{height}x{width} pixels"
-        )
-    rows = (2 * torch.arange(out_h) + 1) * height // (2 * out_h) // patch_size
-    cols = (2 * torch.arange(out_w) + 1) * width // (2 * out_w) // patch_size
+    rows = ((2 * torch.arange(out_h) + 1) * height // (2 * out_h) // patch_size).clamp(max=patch_map.shape[0] - 1)
+    cols = ((2 * torch.arange(out_w) + 1) * width // (2 * out_w) // patch_size).clamp(max=patch_map.shape[1] - 1)
     patch_map = patch_map.cpu()
     return patch_map[rows[:, None], cols[None, :]]
 

@@ -59,6 +59,21 @@ def test_distinct_clusters_per_window_equal_k(toy, method, keep_rate, height, wi
         assert len(np.unique(ids.numpy())) == 4 * k
 
 
+@pytest.mark.parametrize("keep_rate", [0.5, 0.3])
+def test_windows_with_padding_keep_the_same_fraction_of_their_tokens(repo_root, keep_rate):
+    # No square pad: Detectron2 does not pad the 171x256 input (SimpleFeaturePyramid's
+    # padding_constraints spell "size_divisiblity"), the patch embedding sees 10x16 patches, and
+    # the lower 8x8 windows hold 2 rows of tokens and 6 rows of window padding (not in the map).
+    cfg = load_config(os.path.join(repo_root, TOY_CONFIG), ATC_OPTS + ["MODEL.SFP.SQUARE_PAD", "0"])
+    torch.manual_seed(0)
+    model = visualize.set_atc(Trainer.build_model(cfg).eval(), cfg, keep_rate)
+    maps = visualize.source_maps_for_image(model, random_image(171, 256))
+    for ids in maps.values():
+        assert ids.shape == (10, 16)
+        counts = [len(np.unique(ids[r : r + WINDOW, c : c + WINDOW].numpy())) for r in (0, 8) for c in (0, 8)]
+        assert counts == [round(keep_rate * 64)] * 2 + [round(keep_rate * 16)] * 2
+
+
 def test_image_scope_clusters_global_blocks_over_the_whole_image(toy):
     cfg, model = toy
     cfg_image = cfg.clone()
@@ -92,8 +107,10 @@ def test_pixel_map_is_nearest_upsampling_of_the_patch_grid():
     np.testing.assert_array_equal(
         visualize.pixel_cluster_map(patch_map, 16, (70, 90), (35, 45)), np.asarray(reference)
     )
-    with pytest.raises(ValueError, match="does not cover"):
-        visualize.pixel_cluster_map(patch_map, 16, (100, 90))
+    # an unpadded 100x90 input whose patch embedding saw 5x5 patches: the rest takes the last
+    grid = patch_map[:, :5]
+    clamped = np.pad(np.kron(grid.numpy(), np.ones((16, 16), dtype=np.int64)), ((0, 20), (0, 10)), "edge")
+    np.testing.assert_array_equal(visualize.pixel_cluster_map(grid, 16, (100, 90)), clamped)
 
 
 def test_paint_clusters_uses_each_clusters_mean_colour():
