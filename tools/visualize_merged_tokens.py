@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pictures of the tokens that ATC merged in every reduced block of a ViTDet model.
+r"""Pictures of the tokens that ATC merged in every reduced block of a ViTDet model.
 
     python tools/visualize_merged_tokens.py --config configs/toy_vitdet.yaml \
         --input photo.jpg --output out/ MODEL.WEIGHTS output/toy_vitdet/model_final.pth \
@@ -99,17 +99,18 @@ def image_sources(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def thing_metadata(name: str):
-    """Detectron2 metadata with the class names of dataset ``name`` when it can be loaded."""
+    """Detectron2 metadata with the class names of dataset ``name`` when its files are on disk
+    (nothing is generated or downloaded for them; without them, class ids are drawn)."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from atc_det.data.datasets import prepare_datasets
+    from atc_det.data.datasets import register_toy_shapes
 
+    register_toy_shapes()
     metadata = MetadataCatalog.get(name)
-    if not metadata.get("thing_classes"):
+    if not metadata.get("thing_classes") and name in DatasetCatalog.list():
         try:
-            prepare_datasets([name])
             DatasetCatalog.get(name)  # the COCO loader fills thing_classes
-        except (KeyError, FileNotFoundError):
+        except (FileNotFoundError, OSError):
             pass
     return metadata
 
