@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from detectron2.config import CfgNode
@@ -39,12 +39,14 @@ __all__ = [
     "fit_size",
     "list_images",
     "make_sheet",
+    "merged_token_pictures",
     "paint_clusters",
     "pixel_cluster_map",
     "predict_instances",
     "read_rgb",
     "render_merged_tokens",
     "resize_for_model",
+    "resize_rgb",
     "set_atc",
     "source_maps_for_image",
     "vit_of",
@@ -182,8 +184,6 @@ def make_sheet(
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """An image file as RGB uint8 [H, W, 3] (EXIF orientation applied, as Detectron2 reads)."""
-    from PIL import ImageOps
-
     try:
         with Image.open(path) as image:
             return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
