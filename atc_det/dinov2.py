@@ -190,7 +190,7 @@ def load_dinov2_vit_small(img_size: int = 224, cache_dir: Path | None = None):
 
 def normalize_images(rgb: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 RGB [B, H, W, 3] -> float [B, 3, H, W] normalised with ImageNet's mean and std."""
-    x = torch.as_tensor(rgb)
+    x = torch.tensor(np.asarray(rgb))
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected uint8 RGB images [B, H, W, 3], got {x.dtype} {tuple(x.shape)}")
     x = x.permute(0, 3, 1, 2).float() / 255.0
