@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
