@@ -1,5 +1,6 @@
-"""FLOPs and CPU wall time of the ViTDet-B backbone (Detectron2 ``ViT``) at 1024x1024, stock and
-with ATC at several keep rates, with the time spent in the clustering calls broken out.
+"""FLOPs and CPU wall time of the ViTDet-B backbone (Detectron2 ``ViT``) at 1024x1024, stock,
+with ATC at several keep rates (the time spent in the clustering calls broken out), and with SEC
+grouping (``--sec``), all in one run against the same stock baseline.
 
     OMP_NUM_THREADS=2 flock /tmp/cpu.lock .venv/bin/python benchmarks/bench_vitdet_backbone.py
 
@@ -24,8 +25,17 @@ from detectron2.modeling import ViT
 from fvcore.nn import FlopCountAnalysis
 
 from atc_det.clustering import cosine_distances
-from atc_det.modeling import apply_atc
+from atc_det.modeling import apply_atc, apply_sec
 from atc_det.modeling.atc_vit import ATCBlock
+
+
+# SEC (atc_det.modeling.sec_vit.apply_sec): groups of the window's size in windowed blocks, and/or
+# global blocks split into equal-size groups.
+SEC_SETTINGS = [
+    ("SEC windowed blocks (groups of 196)", dict(windowed=True, global_groups=1)),
+    ("SEC windowed + global blocks in 4 groups", dict(windowed=True, global_groups=4)),
+    ("SEC global blocks in 4 groups", dict(windowed=False, global_groups=4)),
+]
 
 
 def vitdet_b(size: int) -> ViT:
@@ -135,6 +145,7 @@ def main() -> None:
     parser.add_argument("--linkage", default="average")
     parser.add_argument("--metric", default="keys")
     parser.add_argument("--blocks", type=int, nargs="+", default=list(range(1, 12)))
+    parser.add_argument("--sec", action="store_true", help="also SEC grouping (SEC_SETTINGS)")
     args = parser.parse_args()
 
     stock = vitdet_b(args.size)
@@ -154,6 +165,11 @@ def main() -> None:
         flop_speedup, speedup = base_gflops / gflops, base_time / seconds
         print(f"| keep {keep:g} | {gflops:.1f} | {flop_speedup:.2f}x | {seconds:.2f} | {speedup:.2f}x "
               f"| {speedup / flop_speedup:.0%} | {cluster:.2f} | {cluster / seconds:.1%} |", flush=True)
+    for label, kwargs in SEC_SETTINGS if args.sec else []:
+        gflops, seconds, _ = measure(apply_sec(copy.deepcopy(stock), **kwargs), image, args.runs)
+        flop_speedup, speedup = base_gflops / gflops, base_time / seconds
+        print(f"| {label} | {gflops:.1f} | {flop_speedup:.2f}x | {seconds:.2f} | {speedup:.2f}x "
+              f"| {speedup / flop_speedup:.0%} | - | - |", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 """Off-the-shelf token clustering on the trained toy ViTDet (no fine-tuning).
 
 Evaluates the stock toy model, then the same weights with ATC (each linkage) and each baseline
-(ToMe, K-Medoids, DPC-KNN) at several keep rates in blocks 1.., and writes a box / mask AP table
+(ToMe, K-Medoids, DPC-KNN) at several keep rates in blocks 1.., and with SEC grouping (which keeps
+every token but restricts attention to equal-size groups), and writes a box / mask AP table
 (Markdown + JSON) and a plot of AP against keep rate:
 
     python tools/train_net.py --config configs/toy_vitdet.yaml          # trains the toy model once
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 
 from atc_det.data.datasets import prepare_datasets  # noqa: E402
 from atc_det.engine import Checkpointer, Trainer, load_config  # noqa: E402
-from atc_det.modeling import apply_atc  # noqa: E402
+from atc_det.modeling import apply_atc, apply_sec  # noqa: E402
 
 # (label, METHOD, LINKAGE) of every clustering setting evaluated.
 SETTINGS = [
@@ -37,20 +38,32 @@ SETTINGS = [
     ("DPC-KNN", "dpcknn", "average"),
 ]
 MEAN_REL_POS = "ATC average, member-mean rel-pos"
+# (label, apply_sec keyword arguments): SEC keeps all tokens (plotted at keep rate 1.0).
+SEC_SETTINGS = [
+    ("SEC windowed (groups of the window size)", dict(windowed=True, global_groups=1)),
+    ("SEC windowed + global in 2 groups", dict(windowed=True, global_groups=2)),
+    ("SEC windowed + global in 4 groups", dict(windowed=True, global_groups=4)),
+    ("SEC global in 4 groups", dict(windowed=False, global_groups=4)),
+]
 
 
-def evaluate(cfg, weights: str, atc: dict | None, stock_features: list[torch.Tensor]) -> dict:
-    """Box and mask AP of the toy model with ``apply_atc(**atc)`` (None: stock), and the mean
-    relative error of its backbone features against ``stock_features`` (filled when empty)."""
+def evaluate(cfg, weights: str, atc: dict | None, stock_features: list[torch.Tensor],
+             sec: dict | None = None) -> dict:
+    """Box and mask AP of the toy model with ``apply_atc(**atc)`` or ``apply_sec(**sec)`` (both
+    None: stock), and the mean relative error of its backbone features against
+    ``stock_features`` (filled by the stock run)."""
     model = Trainer.build_model(cfg)
     Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(weights, resume=False)
     if atc is not None:
         apply_atc(model.backbone.net, **atc)
+    if sec is not None:
+        apply_sec(model.backbone.net, **sec)
+    stock = atc is None and sec is None
     errors: list[float] = []
 
     def compare(module, inputs, outputs) -> None:
         feature = outputs["last_feat"].detach()
-        if atc is None:
+        if stock:
             stock_features.append(feature)
         else:
             reference = stock_features[len(errors)]
@@ -75,6 +88,9 @@ def plot(rows: list[dict], keep_rates: list[float], path: str) -> None:
             points = sorted(((r["keep_rate"], r[metric]) for r in rows if r["method"] == label), reverse=True)
             style = "--" if label == MEAN_REL_POS else "-"
             ax.plot(*zip(*[(1.0, stock[metric])] + points), style, marker="o", label=label)
+        for (label, _), marker in zip(SEC_SETTINGS, "sDv^"):
+            value = next(r[metric] for r in rows if r["method"] == label)
+            ax.plot([1.0], [value], marker, markersize=8, fillstyle="none", label=label)
         ax.axhline(stock[metric], color="gray", linestyle=":", linewidth=1)
         ax.set_xlabel("keep rate (fraction of tokens kept, blocks 1..)")
         ax.set_title(title)
@@ -107,9 +123,9 @@ def main() -> None:
     blocks = list(range(1, cfg.MODEL.VIT.DEPTH))
     stock_features: list[torch.Tensor] = []
 
-    def run(label: str, keep: float, atc: dict | None) -> None:
+    def run(label: str, keep: float, atc: dict | None, sec: dict | None = None) -> None:
         rows.append({"method": label, "keep_rate": keep,
-                     **evaluate(cfg, args.weights, atc, stock_features)})
+                     **evaluate(cfg, args.weights, atc, stock_features, sec)})
         print(rows[-1], flush=True)
 
     rows: list[dict] = []
@@ -121,6 +137,8 @@ def main() -> None:
             run(label, keep, {"keep_rate": keep, "method": method, "linkage": linkage, "blocks": blocks})
     for keep in args.keep:  # the other relative-position definition for merged tokens
         run(MEAN_REL_POS, keep, {"keep_rate": keep, "blocks": blocks, "rel_pos": "mean"})
+    for label, sec in SEC_SETTINGS:
+        run(label, 1.0, None, sec)
 
     os.makedirs(args.docs, exist_ok=True)
     with open(os.path.join(args.docs, "offshelf_toy.json"), "w") as f:
@@ -158,6 +176,12 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append(f"| {label} | " + " | ".join(
             f"{cells[k]['box_ap']:.1f} / {cells[k]['mask_ap']:.1f} ({cells[k]['feature_error']:.3f})"
             for k in args.keep) + " |")
+    lines += ["", "SEC grouping (every token kept; attention restricted to equal-size groups of "
+              "similar keys; all blocks):", "", "| SEC setting | box AP / mask AP (feature error) |",
+              "|---|---|"]
+    for label, _ in SEC_SETTINGS:
+        r = next(r for r in rows if r["method"] == label)
+        lines.append(f"| {label} | {r['box_ap']:.1f} / {r['mask_ap']:.1f} ({r['feature_error']:.3f}) |")
     lines += ["", "![AP against keep rate](offshelf_toy.png)", "",
               "Best ATC linkage minus the best baseline: box AP / mask AP / feature error "
               "(negative error difference: ATC closer to the stock features):", ""]
