@@ -52,7 +52,7 @@ def check_tokens(metric: Tensor, num_clusters: int | None, valid: Tensor | None,
     if not isinstance(metric, Tensor) or metric.dim() != 3 or not metric.is_floating_point():
         raise TypeError(f"{name} must be a floating-point [B, N, C] tensor, got "
                         f"{type(metric).__name__} {getattr(metric, 'shape', '')}")
-    if not bool(torch.isfinite(metric).all()):
+    if metric.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(metric))).all()):
         raise ValueError(f"{name} contains NaN or Inf values; clean the features first")
     batch, num_tokens = metric.shape[:2]
     if num_tokens < 1:
@@ -137,7 +137,8 @@ def _xor_ranks(size: int, device: torch.device) -> Tensor:
 
 def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: float | None
                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Batched nearest-neighbour rounds on ``dist`` [B, N, N] (+inf: never merge, diagonal too).
+    """Batched nearest-neighbour rounds on ``dist`` [B, N + 1, N + 1] (+inf: never merge, diagonal
+    too; the last row and column are an all-+inf sentinel). ``dist`` is overwritten.
 
     Complete/average: the mutual nearest-neighbour pairs merge (RNN). Single: every cluster
     merges with its nearest neighbour (Borůvka; the edges are minimum-spanning-tree edges), so
@@ -146,11 +147,12 @@ def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: f
     and the height (complete/average: made monotone over the dendrogram). Stops as soon as every
     later merge would sort after the ``num_merges`` lowest ones, or lie above ``threshold``.
     """
-    batch, num_tokens, _ = dist.shape
+    batch, num_tokens = dist.shape[0], dist.shape[1] - 1
     device, dtype = dist.device, dist.dtype
     inf = torch.tensor(float("inf"), dtype=dtype, device=device)
-    # One extra all-+inf "sentinel" row and column: compaction pads every sample with it.
-    dist = torch.nn.functional.pad(dist, (0, 1, 0, 1), value=float("inf"))
+    # Nearest-neighbour keys: (distance above the row minimum?) * tie_shift + rank XOR rank.
+    bits_dtype = torch.int32 if dtype == torch.float32 else torch.int64
+    tie_shift = 1 << num_tokens.bit_length()
     xor_ranks = _xor_ranks(num_tokens + 1, device)
     first = torch.arange(num_tokens + 1, device=device).expand(batch, -1)  # sentinel: N
     size = torch.ones(batch, num_tokens + 1, dtype=dtype, device=device)
@@ -173,7 +175,9 @@ def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: f
             done = (recorded <= lowest_open).sum(-1, keepdim=True) >= num_merges
         if bool((done | torch.isinf(lowest_open)).all()):
             break
-        tie_key = torch.where(dist == nearest_dist[..., None], xor_ranks[:n, :n], _NO_TIE)
+        # dist - row minimum is +0 exactly at the row's minima (NaN in all-+inf rows: all tie).
+        above = torch.sub(dist, nearest_dist[..., None]).view(bits_dtype).clamp_(0, 1)
+        tie_key = torch.add(xor_ranks[:n, :n], above, alpha=tie_shift, out=above)
         nearest = rank ^ tie_key.amin(-1)  # sentinel / isolated rows point at themselves
         mutual = (nearest.gather(1, nearest) == rank) & (nearest != rank)
         if linkage == "single":
@@ -217,11 +221,13 @@ def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: f
             offset = torch.arange(batch, device=device)[:, None] * n
             keep_rows, partner_rows = (keep + offset).view(-1), (partner + offset).view(-1)
             weight_a, weight_b = weight_a[..., None], (1 - weight_a)[..., None]
-            for _ in range(2):
+            for step in range(2):
                 flat = dist.reshape(-1, dist.shape[-1])
                 rows_a = flat.index_select(0, keep_rows).view(batch, m + 1, -1)
                 rows_b = flat.index_select(0, partner_rows).view(batch, m + 1, -1)
-                dist = _combine(linkage, rows_a, rows_b, weight_a, weight_b).mT.contiguous()
+                dist = _combine(linkage, rows_a, rows_b, weight_a, weight_b)
+                if step == 0:
+                    dist = dist.mT.contiguous()
             merged = partner != keep
             size = size_a + torch.where(merged, size_b, 0)
             own_height = torch.where(merged, merge_height.gather(1, keep), own_height.gather(1, keep))
@@ -296,8 +302,11 @@ def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | N
     if dist.dtype in _HALF:
         dist = dist.float()
     batch, num_tokens = dist.shape[:2]
-    groups = token_groups(batch, num_tokens, valid, protected, dist.device)
-    dist = dist.masked_fill(groups[:, :, None] != groups[:, None, :], float("inf"))
+    # One extra all-+inf "sentinel" row and column: compaction pads every sample with it.
+    dist = torch.nn.functional.pad(dist, (0, 1, 0, 1), value=float("inf"))
+    if valid is not None or protected:
+        groups = token_groups(batch, num_tokens, valid, protected, dist.device)
+        dist[:, :num_tokens, :num_tokens].masked_fill_(groups[:, :, None] != groups[:, None, :], float("inf"))
     dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
 
     num_merges = None if num_clusters is None else num_tokens - num_clusters
