@@ -195,16 +195,22 @@ def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: f
         parents.append(parent)
         heights.append(torch.where(edge, merge_height, inf))
 
-        # New clusters: the trees of the edges, each kept at its lowest rank.
-        root = _pointer_jump(torch.where(edge, nearest, rank))
-        lowest = torch.full_like(root, n).scatter_reduce(1, root, rank.expand_as(root), "amin")
-        keeper = lowest.gather(1, root)
-        survivor = (keeper == rank) & (first < num_tokens)
-        m = int(survivor.sum(-1).max())
-        keep = torch.sort(torch.where(survivor, rank, n - 1), dim=-1).values
-        keep = torch.cat([keep[:, :m], keep.new_full((batch, 1), n - 1)], dim=1)  # [B, m + 1]
+        # New clusters: the trees of the edges, each kept at its lowest rank (RNN: pairs, whose
+        # lower rank is never an edge's child).
         if linkage == "single":
-            new_index = torch.where(first < num_tokens, (survivor.long().cumsum(-1) - 1).gather(1, keeper), m)
+            root = _pointer_jump(torch.where(edge, nearest, rank))
+            lowest = torch.full_like(root, n).scatter_reduce(1, root, rank.expand_as(root), "amin")
+            keeper = lowest.gather(1, root)
+            survivor = (keeper == rank) & (first < num_tokens)
+        else:
+            survivor = ~edge & (first < num_tokens)
+        slot = survivor.long().cumsum(-1) - 1  # new index of each survivor
+        m = int(slot[:, -1].max()) + 1
+        # Survivors in rank order, then the sentinel (n - 1) up to m + 1 per sample: [B, m + 1].
+        keep = rank.new_full((batch, m + 2), n - 1).scatter_(
+            1, torch.where(survivor, slot, m + 1), rank.expand(batch, -1))[:, :m + 1]
+        if linkage == "single":
+            new_index = torch.where(first < num_tokens, slot.gather(1, keeper), m)
             new_row = new_index[..., None].expand(-1, -1, n)
             rows = dist.new_full((batch, m + 1, n), float("inf")).scatter_reduce_(1, new_row, dist, "amin")
             pair = pair.new_full((batch, m + 1, n), no_pair).scatter_reduce_(
