@@ -42,8 +42,10 @@ def cosine_distances(metric: Tensor) -> Tensor:
     Zero vectors have distance 1 to every other token.
     """
     unit = torch.nn.functional.normalize(metric, dim=-1)
-    upper = torch.triu(1.0 - unit @ unit.mT, diagonal=1).clamp_min_(0.0)
-    return upper + upper.mT
+    dissimilarity = (unit @ unit.mT).neg_().add_(1.0)
+    dist = torch.add(dissimilarity, dissimilarity.mT).mul_(0.5).clamp_min_(0.0)  # exactly symmetric
+    dist.diagonal(dim1=-2, dim2=-1).zero_()
+    return dist
 
 
 def check_tokens(metric: Tensor, num_clusters: int | None, valid: Tensor | None, protected: int,
