@@ -123,13 +123,13 @@ def relabel_by_first_member(labels: Tensor) -> Tensor:
     return first_member_labels(first.gather(-1, labels))
 
 
-def _combine(linkage: str, a: Tensor, b: Tensor, weight_a: Tensor, weight_b: Tensor) -> Tensor:
+def _combine(linkage: str, a: Tensor, b: Tensor, weight_a: Tensor) -> Tensor:
     """Lance-Williams distance to the union of two clusters from the distances to each, in place."""
     if linkage == "single":
         return torch.minimum(a, b, out=a)
     if linkage == "complete":
         return torch.maximum(a, b, out=a)
-    return a.mul_(weight_a).add_(b.mul_(weight_b))
+    return a.mul_(weight_a).addcmul_(b, 1 - weight_a)
 
 
 def _xor_ranks(size: int, device: torch.device) -> Tensor:
@@ -228,12 +228,12 @@ def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: f
             # Rows, then (on the transposed result) columns: [B, n, n] -> [B, m + 1, m + 1].
             offset = torch.arange(batch, device=device)[:, None] * n
             keep_rows, partner_rows = (keep + offset).view(-1), (partner + offset).view(-1)
-            weight_a, weight_b = weight_a[..., None], (1 - weight_a)[..., None]
+            weight_a = weight_a[..., None]
             for step in range(2):
                 flat = dist.reshape(-1, dist.shape[-1])
                 rows_a = flat.index_select(0, keep_rows).view(batch, m + 1, -1)
                 rows_b = flat.index_select(0, partner_rows).view(batch, m + 1, -1)
-                dist = _combine(linkage, rows_a, rows_b, weight_a, weight_b)
+                dist = _combine(linkage, rows_a, rows_b, weight_a)
                 if step == 0:
                     dist = dist.mT.contiguous()
             merged = partner != keep
