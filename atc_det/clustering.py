@@ -225,7 +225,8 @@ def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: f
             partner = torch.where(mutual, nearest, rank).gather(1, keep)
             size_a, size_b = size.gather(1, keep), size.gather(1, partner)
             weight_a = size_a / (size_a + size_b)
-            # Rows, then (on the transposed result) columns: [B, n, n] -> [B, m + 1, m + 1].
+            # Rows, then (on the transposed result) columns: [B, n, n] -> [B, m + 1, m + 1]. The
+            # result is symmetric (average: up to rounding), so it is not transposed back.
             offset = torch.arange(batch, device=device)[:, None] * n
             keep_rows, partner_rows = (keep + offset).view(-1), (partner + offset).view(-1)
             weight_a = weight_a[..., None]
