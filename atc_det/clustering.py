@@ -123,13 +123,13 @@ def relabel_by_first_member(labels: Tensor) -> Tensor:
     return first_member_labels(first.gather(-1, labels))
 
 
-def _combine(linkage: str, a: Tensor, b: Tensor, weight_a: Tensor) -> Tensor:
+def _combine(linkage: str, a: Tensor, b: Tensor, weight_a: Tensor, weight_b: Tensor) -> Tensor:
     """Lance-Williams distance to the union of two clusters from the distances to each, in place."""
     if linkage == "single":
         return torch.minimum(a, b, out=a)
     if linkage == "complete":
         return torch.maximum(a, b, out=a)
-    return a.mul_(weight_a).addcmul_(b, 1 - weight_a)
+    return a.mul_(weight_a).addcmul_(b, weight_b)
 
 
 def _xor_ranks(size: int, device: torch.device) -> Tensor:
@@ -152,11 +152,18 @@ def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: f
     batch, num_tokens = dist.shape[0], dist.shape[1] - 1
     device, dtype = dist.device, dist.dtype
     inf = torch.tensor(float("inf"), dtype=dtype, device=device)
-    # Nearest-neighbour keys: (distance above the row minimum?) * tie_shift + rank XOR rank.
     bits_dtype = torch.int32 if dtype == torch.float32 else torch.int64
+    # Single/complete only take minima and maxima: on non-negative float32 values their bit
+    # patterns (as int32) have the same order, and int32 reductions are faster.
+    if linkage != "average" and dtype == torch.float32 and dist.numel() and bool(dist.amin() >= 0):
+        dist = dist.view(bits_dtype)
+    dist_inf = inf.view(dist.dtype)
+    # Nearest-neighbour keys: (distance above the row minimum?) * tie_shift + rank XOR rank.
     tie_shift = 1 << num_tokens.bit_length()
     xor_ranks = _xor_ranks(num_tokens + 1, device)
-    first = torch.arange(num_tokens + 1, device=device).expand(batch, -1)  # sentinel: N
+    ranks = torch.arange(num_tokens + 1, device=device)
+    first = ranks.expand(batch, -1)  # sentinel: N
+    sample = torch.arange(batch, device=device)[:, None]
     size = torch.ones(batch, num_tokens + 1, dtype=dtype, device=device)
     own_height = torch.full((batch, num_tokens + 1), -float("inf"), dtype=dtype, device=device)
     stride = num_tokens + 1
@@ -167,8 +174,9 @@ def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: f
     children, parents, heights = [], [], []
     for _ in range(num_tokens):
         n = dist.shape[-1]
-        rank = torch.arange(n, device=device)
-        nearest_dist = dist.amin(-1)  # [B, n]
+        rank = ranks[:n]
+        nearest_key = dist.amin(-1)  # [B, n]
+        nearest_dist = nearest_key.view(dtype)
         lowest_open = nearest_dist.amin(-1, keepdim=True)  # no later merge lies below this
         if threshold is not None:
             done = lowest_open > threshold
@@ -178,7 +186,7 @@ def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: f
         if bool((done | torch.isinf(lowest_open)).all()):
             break
         # dist - row minimum is +0 exactly at the row's minima (NaN in all-+inf rows: all tie).
-        above = torch.sub(dist, nearest_dist[..., None]).view(bits_dtype).clamp_(0, 1)
+        above = torch.sub(dist, nearest_key[..., None]).view(bits_dtype).clamp_(0, 1)
         tie_key = torch.add(xor_ranks[:n, :n], above, alpha=tie_shift, out=above)
         nearest = rank ^ tie_key.amin(-1)  # sentinel / isolated rows point at themselves
         mutual = (nearest.gather(1, nearest) == rank) & (nearest != rank)
@@ -214,11 +222,11 @@ def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: f
         if linkage == "single":
             new_index = torch.where(first < num_tokens, slot.gather(1, keeper), m)
             new_row = new_index[..., None].expand(-1, -1, n)
-            rows = dist.new_full((batch, m + 1, n), float("inf")).scatter_reduce_(1, new_row, dist, "amin")
+            rows = dist.new_full((batch, m + 1, n), dist_inf.item()).scatter_reduce_(1, new_row, dist, "amin")
             pair = pair.new_full((batch, m + 1, n), no_pair).scatter_reduce_(
                 1, new_row, torch.where(dist == rows.gather(1, new_row), pair, no_pair), "amin")
             new_col = new_index[:, None, :].expand(-1, m + 1, -1)
-            dist = dist.new_full((batch, m + 1, m + 1), float("inf")).scatter_reduce_(2, new_col, rows, "amin")
+            dist = dist.new_full((batch, m + 1, m + 1), dist_inf.item()).scatter_reduce_(2, new_col, rows, "amin")
             pair = pair.new_full((batch, m + 1, m + 1), no_pair).scatter_reduce_(
                 2, new_col, torch.where(rows == dist.gather(2, new_col), pair, no_pair), "amin")
         else:
@@ -227,20 +235,20 @@ def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: f
             weight_a = size_a / (size_a + size_b)
             # Rows, then (on the transposed result) columns: [B, n, n] -> [B, m + 1, m + 1]. The
             # result is symmetric (average: up to rounding), so it is not transposed back.
-            offset = torch.arange(batch, device=device)[:, None] * n
+            offset = sample * n
             keep_rows, partner_rows = (keep + offset).view(-1), (partner + offset).view(-1)
-            weight_a = weight_a[..., None]
+            weight_a, weight_b = weight_a[..., None], (1 - weight_a)[..., None]
             for step in range(2):
                 flat = dist.reshape(-1, dist.shape[-1])
                 rows_a = flat.index_select(0, keep_rows).view(batch, m + 1, -1)
                 rows_b = flat.index_select(0, partner_rows).view(batch, m + 1, -1)
-                dist = _combine(linkage, rows_a, rows_b, weight_a)
+                dist = _combine(linkage, rows_a, rows_b, weight_a, weight_b)
                 if step == 0:
                     dist = dist.mT.contiguous()
             merged = partner != keep
             size = size_a + torch.where(merged, size_b, 0)
             own_height = torch.where(merged, merge_height.gather(1, keep), own_height.gather(1, keep))
-        dist.diagonal(dim1=1, dim2=2).fill_(inf)
+        dist.diagonal(dim1=1, dim2=2).fill_(dist_inf)
         first = first.gather(1, keep)
     if not heights:
         empty = torch.empty(batch, 0, dtype=torch.long, device=device)
