@@ -8,8 +8,8 @@ complete, average) every such merge is a merge of the exact greedy dendrogram, s
 equals SciPy's ``linkage`` + ``fcluster`` (up to relabelling and ties). Single linkage uses
 Borůvka rounds instead (every cluster joins its nearest neighbour; exact spanning-tree edges),
 so it needs at most ``log2 N`` rounds; the cut is Kruskal's on those edges. There is no Python loop
-over merges and one host synchronisation per round (the compacted size); the number of rounds
-is about ``log N`` on real data and at most ``N - 1``.
+over merges and two host synchronisations per round (stop test, compacted size); the number of
+rounds is about ``log N`` on real data and at most ``N - 1``.
 
 Rules (both deterministic):
 
