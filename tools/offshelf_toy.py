@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from typing import Callable
 
 import matplotlib
 
@@ -47,18 +48,16 @@ SEC_SETTINGS = [
 ]
 
 
-def evaluate(cfg, weights: str, atc: dict | None, stock_features: list[torch.Tensor],
-             sec: dict | None = None) -> dict:
-    """Box and mask AP of the toy model with ``apply_atc(**atc)`` or ``apply_sec(**sec)`` (both
-    None: stock), and the mean relative error of its backbone features against
+def evaluate(cfg, weights: str, patch: Callable[..., object] | None, kwargs: dict,
+             stock_features: list[torch.Tensor]) -> dict:
+    """Box and mask AP of the toy model with ``patch(vit, **kwargs)`` applied (``apply_atc`` or
+    ``apply_sec``; None: stock), and the mean relative error of its backbone features against
     ``stock_features`` (filled by the stock run)."""
     model = Trainer.build_model(cfg)
     Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(weights, resume=False)
-    if atc is not None:
-        apply_atc(model.backbone.net, **atc)
-    if sec is not None:
-        apply_sec(model.backbone.net, **sec)
-    stock = atc is None and sec is None
+    stock = patch is None
+    if not stock:
+        patch(model.backbone.net, **kwargs)
     errors: list[float] = []
 
     def compare(module, inputs, outputs) -> None:
@@ -123,22 +122,22 @@ def main() -> None:
     blocks = list(range(1, cfg.MODEL.VIT.DEPTH))
     stock_features: list[torch.Tensor] = []
 
-    def run(label: str, keep: float, atc: dict | None, sec: dict | None = None) -> None:
+    def run(label: str, keep: float, patch: Callable[..., object] | None, kwargs: dict) -> None:
         rows.append({"method": label, "keep_rate": keep,
-                     **evaluate(cfg, args.weights, atc, stock_features, sec)})
+                     **evaluate(cfg, args.weights, patch, kwargs, stock_features)})
         print(rows[-1], flush=True)
 
     rows: list[dict] = []
-    run("stock", 1.0, None)
+    run("stock", 1.0, None, {})
     # Keep rate 1.0 runs the clustered code path with every token its own cluster.
-    run("ATC (any), keep 1.0", 1.0, {"keep_rate": 1.0, "blocks": blocks})
+    run("ATC (any), keep 1.0", 1.0, apply_atc, {"keep_rate": 1.0, "blocks": blocks})
     for label, method, linkage in SETTINGS:
         for keep in args.keep:
-            run(label, keep, {"keep_rate": keep, "method": method, "linkage": linkage, "blocks": blocks})
+            run(label, keep, apply_atc, {"keep_rate": keep, "method": method, "linkage": linkage, "blocks": blocks})
     for keep in args.keep:  # the other relative-position definition for merged tokens
-        run(MEAN_REL_POS, keep, {"keep_rate": keep, "blocks": blocks, "rel_pos": "mean"})
+        run(MEAN_REL_POS, keep, apply_atc, {"keep_rate": keep, "blocks": blocks, "rel_pos": "mean"})
     for label, sec in SEC_SETTINGS:
-        run(label, 1.0, None, sec)
+        run(label, 1.0, apply_sec, sec)
 
     os.makedirs(args.docs, exist_ok=True)
     with open(os.path.join(args.docs, "offshelf_toy.json"), "w") as f:
