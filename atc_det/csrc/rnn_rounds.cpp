@@ -1,0 +1,399 @@
+// Native CPU kernel of atc_det.clustering: the same nearest-neighbour rounds as the torch path
+// (`_dendrogram`), per sample, with the same tie rules, then the cut and first-member labels.
+// C ABI (loaded with ctypes by atc_det/native.py), no torch headers; OpenMP over samples (or over
+// rows for one large sample), sharing torch's libgomp thread pool once torch is loaded.
+//
+// Per sample (N tokens, row-major [N, N] buffer, overwritten):
+//   1. distances: D = (A + A^T) / 2 with A the buffer (similarities: A = 1 - buffer, then D >= 0),
+//      +inf on the diagonal and between tokens of different groups.
+//   2. rounds: every cluster finds its nearest neighbour (ties: smallest rank XOR rank, clusters
+//      ranked by first member).
+//      - complete/average: the mutual pairs merge (RNN), Lance-Williams updates in place; the
+//        cached nearest neighbour of a row is reused unless the row merged, its neighbour merged,
+//        its minimum was tied, or a new entry ties or beats it. O(N^2) work over all rounds.
+//      - single: every cluster joins its nearest neighbour (Borůvka: spanning-tree edges, the
+//        token pair realising each edge is tracked); the matrix is compacted every round.
+//   3. cut: static: the N - K lowest merges, stable by (height, round, rank); dynamic: every merge
+//      with height <= threshold. Union-find; clusters numbered by their first member.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+enum Linkage { kSingle = 0, kComplete = 1, kAverage = 2 };
+
+struct Edge {
+  int64_t child, parent;  // first member (complete/average) or token (single) of each side
+  double height;
+};
+
+template <typename T>
+struct Workspace {
+  std::vector<T> rows;         // single: [n, N] row minima of the round
+  std::vector<uint32_t> pair;  // single: token pair (i * N + j) realising D[r, c]
+  std::vector<uint32_t> pair_rows;
+  std::vector<T> nearest_dist, size, own_height, weight_b;
+  std::vector<int32_t> rank;
+  std::vector<int64_t> nearest, first, slots, keep, new_index, root, keeper, pair_a, pair_b;
+  std::vector<char> mutual, edge, stale, merged;
+  std::vector<Edge> edges;
+  std::vector<int64_t> order, parent_of, label;
+  int threads = 1;  // OpenMP threads inside one sample (large N, few samples)
+};
+
+template <typename T>
+void prepare_distances(T* d, int64_t N, const int64_t* groups, bool from_similarity, int threads) {
+  const T inf = std::numeric_limits<T>::infinity();
+  constexpr int64_t kTile = 32;  // tiles (i-block, j-block >= i-block): the transpose stays in L1
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
+  for (int64_t ib = 0; ib < N; ib += kTile) {
+    for (int64_t jb = ib; jb < N; jb += kTile) {
+      for (int64_t i = ib; i < std::min(ib + kTile, N); ++i) {
+        for (int64_t j = std::max(jb, i + 1); j < std::min(jb + kTile, N); ++j) {
+          T a = d[i * N + j], b = d[j * N + i];
+          if (from_similarity) {
+            a = T(1) - a;
+            b = T(1) - b;
+          }
+          T v = (a + b) * T(0.5);
+          if (from_similarity && v < T(0)) v = T(0);
+          if (groups != nullptr && groups[i] != groups[j]) v = inf;
+          d[i * N + j] = v;
+          d[j * N + i] = v;
+        }
+      }
+    }
+    for (int64_t i = ib; i < std::min(ib + kTile, N); ++i) d[i * N + i] = inf;
+  }
+}
+
+// Nearest neighbour of the cluster of rank `rank_r` from its row [width] (+inf: inactive): the
+// row minimum, ties to the smallest rank XOR rank. Returns the rank of the neighbour (rank_r for
+// an isolated cluster) and whether the minimum is unique (then ranks did not matter).
+template <typename T>
+inline bool nearest_neighbour(const T* row, int64_t width, int32_t rank_r, const int32_t* rank,
+                              T& best, int32_t& nearest_rank) {
+  T m = std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(min : m)
+  for (int64_t c = 0; c < width; ++c) m = row[c] < m ? row[c] : m;
+  best = m;
+  if (std::isinf(m)) {
+    nearest_rank = rank_r;
+    return true;
+  }
+  int32_t best_xor = std::numeric_limits<int32_t>::max();
+  int32_t ties = 0;
+#pragma omp simd reduction(min : best_xor) reduction(+ : ties)
+  for (int64_t c = 0; c < width; ++c) {
+    const bool at_min = row[c] == m;
+    const int32_t x = rank_r ^ rank[c];
+    best_xor = at_min && x < best_xor ? x : best_xor;
+    ties += at_min;
+  }
+  nearest_rank = rank_r ^ best_xor;
+  return ties == 1;
+}
+
+// Whether the rounds can stop: no later merge can be among the kept ones.
+template <typename T>
+bool finished(const std::vector<Edge>& edges, T lowest_open, int64_t num_merges, bool use_threshold,
+              T threshold) {
+  if (std::isinf(lowest_open)) return true;
+  if (use_threshold) return lowest_open > threshold;
+  int64_t below = 0;
+  for (const Edge& e : edges) below += e.height <= lowest_open;
+  return below >= num_merges;
+}
+
+// Complete / average linkage: RNN rounds on the uncompacted [N, N] matrix (slot = first member).
+template <typename T>
+void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_threshold,
+                     T threshold, Workspace<T>& w) {
+  const T inf = std::numeric_limits<T>::infinity();
+  std::vector<int64_t>& slots = w.slots;  // active slots, ascending (= rank order)
+  slots.resize(N);
+  std::iota(slots.begin(), slots.end(), 0);
+  int32_t* rank = w.rank.data();
+  while (slots.size() > 1) {
+    const int64_t n = static_cast<int64_t>(slots.size());
+    for (int64_t i = 0; i < n; ++i) rank[slots[i]] = static_cast<int32_t>(i);
+#pragma omp parallel for schedule(dynamic, 16) num_threads(w.threads) if (w.threads > 1)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = slots[i];
+      if (w.stale[r]) {
+        int32_t nearest_rank;
+        w.stale[r] = !nearest_neighbour(d + r * N, N, rank[r], rank, w.nearest_dist[r], nearest_rank);
+        w.nearest[r] = slots[nearest_rank];
+      }
+    }
+    T lowest_open = inf;
+    for (const int64_t r : slots) lowest_open = std::min(lowest_open, w.nearest_dist[r]);
+    if (finished(w.edges, lowest_open, num_merges, use_threshold, threshold)) break;
+    // Mutual pairs (a < b) in rank order; b's edge is recorded, a keeps the union.
+    int64_t p = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = slots[i], j = w.nearest[r];
+      if (j < r && w.nearest[j] == r) {
+        // Heights made monotone: never below the merges that formed the two clusters.
+        const T height = std::max(w.nearest_dist[r], std::max(w.own_height[r], w.own_height[j]));
+        w.edges.push_back({w.first[r], w.first[j], static_cast<double>(height)});
+        w.pair_a[p] = j;
+        w.pair_b[p++] = r;
+      }
+    }
+    std::sort(w.pair_a.begin(), w.pair_a.begin() + p);
+    for (int64_t q = 0; q < p; ++q) w.pair_b[q] = w.nearest[w.pair_a[q]];
+    // Rows: row a = Lance-Williams(row a, row b) for every pair.
+#pragma omp parallel for schedule(static) num_threads(w.threads) if (w.threads > 1)
+    for (int64_t q = 0; q < p; ++q) {
+      const int64_t a = w.pair_a[q], b = w.pair_b[q];
+      const T size_a = w.size[a], size_b = w.size[b];
+      const T wb = T(1) - size_a / (size_a + size_b), wa = T(1) - wb;
+      w.weight_b[q] = wb;
+      w.own_height[a] = std::max(w.nearest_dist[a], std::max(w.own_height[a], w.own_height[b]));
+      w.size[a] = size_a + size_b;
+      T* ra = d + a * N;
+      const T* rb = d + b * N;
+      if (linkage == kComplete) {
+#pragma omp simd
+        for (int64_t c = 0; c < N; ++c) ra[c] = std::max(ra[c], rb[c]);
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < N; ++c) ra[c] = ra[c] * wa + rb[c] * wb;
+      }
+      w.merged[a] = w.merged[b] = 1;
+      w.stale[a] = 1;
+    }
+    slots.erase(std::remove_if(slots.begin(), slots.end(),
+                               [&](int64_t r) { return w.merged[r] && w.nearest[r] < r &&
+                                                       w.nearest[w.nearest[r]] == r; }),
+                slots.end());
+    // Columns, row by row: D[x, a] = Lance-Williams(D[x, a], D[x, b]), D[x, b] = +inf. The
+    // pairs are combined in rank order, so an entry between two pairs is combined over the
+    // lower pair first (as in the torch path); the lower triangle copies it below.
+    const int64_t active = static_cast<int64_t>(slots.size());
+#pragma omp parallel for schedule(static) num_threads(w.threads) if (w.threads > 1)
+    for (int64_t i = 0; i < active; ++i) {
+      const int64_t x = slots[i];
+      T* row = d + x * N;
+      bool stale = w.merged[w.nearest[x]];
+      const T nearest = w.nearest_dist[x];
+      for (int64_t q = 0; q < p; ++q) {
+        const int64_t a = w.pair_a[q], b = w.pair_b[q];
+        const T v = linkage == kComplete ? std::max(row[a], row[b])
+                                         : row[a] * (T(1) - w.weight_b[q]) + row[b] * w.weight_b[q];
+        row[a] = v;
+        row[b] = inf;
+        stale |= v <= nearest;
+      }
+      w.stale[x] = w.stale[x] || stale;
+    }
+    if (linkage == kAverage) {
+      for (int64_t q = 0; q < p; ++q) {
+        for (int64_t s = 0; s < q; ++s) d[w.pair_a[q] * N + w.pair_a[s]] = d[w.pair_a[s] * N + w.pair_a[q]];
+      }
+    }
+    for (int64_t q = 0; q < p; ++q) w.merged[w.pair_a[q]] = w.merged[w.pair_b[q]] = 0;
+  }
+}
+
+// Single linkage: Borůvka rounds on a matrix compacted every round (at most log2 N rounds).
+template <typename T>
+void boruvka_rounds(T* d, int64_t N, int64_t num_merges, bool use_threshold, T threshold,
+                    Workspace<T>& w) {
+  const T inf = std::numeric_limits<T>::infinity();
+  w.pair.resize(N * N);
+  for (int64_t i = 0; i < N * N; ++i) w.pair[i] = static_cast<uint32_t>(i);
+  w.pair_rows.resize(N * N);
+  w.rows.resize(N * N);
+  std::iota(w.rank.begin(), w.rank.end(), 0);  // compacted: rank = index
+  int64_t n = N;
+  while (n > 1) {
+#pragma omp parallel for schedule(dynamic, 16) num_threads(w.threads) if (w.threads > 1)
+    for (int64_t r = 0; r < n; ++r) {
+      int32_t nearest_rank;
+      nearest_neighbour(d + r * N, n, static_cast<int32_t>(r), w.rank.data(), w.nearest_dist[r],
+                        nearest_rank);
+      w.nearest[r] = nearest_rank;
+    }
+    T lowest_open = inf;
+    for (int64_t r = 0; r < n; ++r) lowest_open = std::min(lowest_open, w.nearest_dist[r]);
+    if (finished(w.edges, lowest_open, num_merges, use_threshold, threshold)) break;
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t j = w.nearest[r];
+      w.mutual[r] = j != r && w.nearest[j] == r;
+    }
+    // Borůvka: every cluster joins its nearest neighbour; a mutual pair records one edge.
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t j = w.nearest[r];
+      w.edge[r] = !std::isinf(w.nearest_dist[r]) && !(w.mutual[r] && j > r);
+      if (w.edge[r]) {
+        const uint32_t ends = w.pair[r * N + j];
+        w.edges.push_back({ends / N, ends % N, static_cast<double>(w.nearest_dist[r])});
+      }
+    }
+    // Trees of the edges (a forest under the tie rule), each kept at its lowest rank.
+    for (int64_t r = 0; r < n; ++r) {
+      int64_t x = r;
+      while (w.edge[x]) x = w.nearest[x];
+      w.root[r] = x;
+      w.keeper[r] = -1;
+    }
+    int64_t m = 0;
+    for (int64_t r = 0; r < n; ++r) {
+      int64_t& k = w.keeper[w.root[r]];
+      if (k < 0) {
+        k = r;
+        w.keep[m] = r;
+        w.new_index[r] = m++;
+      }
+    }
+    for (int64_t r = 0; r < n; ++r) w.new_index[r] = w.new_index[w.keeper[w.root[r]]];
+    // Row minima (lexicographic on (distance, token pair)), then column minima.
+    T* rows = w.rows.data();
+    uint32_t* prow = w.pair_rows.data();
+    std::fill(rows, rows + m * N, inf);
+    std::fill(prow, prow + m * N, std::numeric_limits<uint32_t>::max());
+    for (int64_t r = 0; r < n; ++r) {
+      T* out = rows + w.new_index[r] * N;
+      uint32_t* pout = prow + w.new_index[r] * N;
+      const T* in = d + r * N;
+      const uint32_t* pin = w.pair.data() + r * N;
+      for (int64_t c = 0; c < n; ++c) {
+        if (in[c] < out[c] || (in[c] == out[c] && pin[c] < pout[c])) {
+          out[c] = in[c];
+          pout[c] = pin[c];
+        }
+      }
+    }
+    for (int64_t a = 0; a < m; ++a) {
+      T* out = d + a * N;
+      uint32_t* pout = w.pair.data() + a * N;
+      std::fill(out, out + m, inf);
+      std::fill(pout, pout + m, std::numeric_limits<uint32_t>::max());
+      const T* in = rows + a * N;
+      const uint32_t* pin = prow + a * N;
+      for (int64_t c = 0; c < n; ++c) {
+        const int64_t b = w.new_index[c];
+        if (in[c] < out[b] || (in[c] == out[b] && pin[c] < pout[b])) {
+          out[b] = in[c];
+          pout[b] = pin[c];
+        }
+      }
+      out[a] = inf;
+    }
+    for (int64_t a = 0; a < m; ++a) w.first[a] = w.first[w.keep[a]];
+    n = m;
+  }
+}
+
+template <typename T>
+void cluster_sample(T* d, int64_t N, const int64_t* groups, int linkage, int64_t num_merges,
+                    bool use_threshold, T threshold, bool from_similarity, int64_t* labels,
+                    Workspace<T>& w) {
+  prepare_distances(d, N, groups, from_similarity, w.threads);
+  w.nearest_dist.resize(N);
+  w.size.assign(N, T(1));
+  w.own_height.assign(N, -std::numeric_limits<T>::infinity());
+  w.weight_b.resize(N);
+  w.rank.resize(N);
+  w.nearest.resize(N);
+  w.first.resize(N);
+  std::iota(w.first.begin(), w.first.end(), 0);
+  for (std::vector<int64_t>* v : {&w.keep, &w.new_index, &w.root, &w.keeper, &w.pair_a, &w.pair_b}) {
+    v->resize(N);
+  }
+  w.stale.assign(N, 1);
+  w.merged.assign(N, 0);
+  w.mutual.resize(N);
+  w.edge.resize(N);
+  w.edges.clear();
+  if (linkage == kSingle) {
+    boruvka_rounds(d, N, num_merges, use_threshold, threshold, w);
+  } else {
+    rnn_pair_rounds(d, N, linkage, num_merges, use_threshold, threshold, w);
+  }
+
+  // The cut: stable by height (edges are in (round, rank) order), then union-find.
+  const int64_t E = static_cast<int64_t>(w.edges.size());
+  w.order.resize(E);
+  std::iota(w.order.begin(), w.order.end(), 0);
+  int64_t taken = 0;
+  if (use_threshold) {
+    for (int64_t e = 0; e < E; ++e) {
+      if (static_cast<T>(w.edges[e].height) <= threshold) w.order[taken++] = e;
+    }
+  } else {
+    std::stable_sort(w.order.begin(), w.order.end(),
+                     [&](int64_t a, int64_t b) { return w.edges[a].height < w.edges[b].height; });
+    taken = std::min(num_merges, E);
+  }
+  w.parent_of.resize(N);
+  std::iota(w.parent_of.begin(), w.parent_of.end(), 0);
+  auto find = [&](int64_t x) {
+    while (w.parent_of[x] != x) {
+      w.parent_of[x] = w.parent_of[w.parent_of[x]];
+      x = w.parent_of[x];
+    }
+    return x;
+  };
+  for (int64_t t = 0; t < taken; ++t) {
+    const Edge& e = w.edges[w.order[t]];
+    const int64_t a = find(e.child), b = find(e.parent);
+    if (a != b) w.parent_of[std::max(a, b)] = std::min(a, b);
+  }
+  w.label.assign(N, -1);
+  int64_t next = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t r = find(i);
+    if (w.label[r] < 0) w.label[r] = next++;
+    labels[i] = w.label[r];
+  }
+}
+
+template <typename T>
+int cluster_batch(T* d, int64_t B, int64_t N, const int64_t* groups, int linkage, int64_t num_merges,
+                  int use_threshold, double threshold, int from_similarity, int64_t* labels,
+                  int num_threads) {
+  if (N < 1 || N > 65535 || linkage < 0 || linkage > 2) return 1;
+  // Samples in parallel; a large sample alone (a global block) is split over rows instead.
+  const int threads = std::max(1, num_threads);
+  const bool split_rows = N >= 512 && B < threads;
+  const int outer = split_rows ? 1 : static_cast<int>(std::min<int64_t>(threads, B));
+#pragma omp parallel num_threads(outer) if (outer > 1)
+  {
+    Workspace<T> w;
+    w.threads = split_rows ? threads : 1;
+#pragma omp for schedule(dynamic)
+    for (int64_t b = 0; b < B; ++b) {
+      cluster_sample<T>(d + b * N * N, N, groups == nullptr ? nullptr : groups + b * N, linkage,
+                        num_merges, use_threshold != 0, static_cast<T>(threshold),
+                        from_similarity != 0, labels + b * N, w);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int atc_cluster_f32(float* d, int64_t B, int64_t N, const int64_t* groups, int linkage,
+                    int64_t num_merges, int use_threshold, double threshold, int from_similarity,
+                    int64_t* labels, int num_threads) {
+  return cluster_batch<float>(d, B, N, groups, linkage, num_merges, use_threshold, threshold,
+                              from_similarity, labels, num_threads);
+}
+
+int atc_cluster_f64(double* d, int64_t B, int64_t N, const int64_t* groups, int linkage,
+                    int64_t num_merges, int use_threshold, double threshold, int from_similarity,
+                    int64_t* labels, int num_threads) {
+  return cluster_batch<double>(d, B, N, groups, linkage, num_merges, use_threshold, threshold,
+                               from_similarity, labels, num_threads);
+}
+
+}  // extern "C"

@@ -1,0 +1,142 @@
+"""Native CPU kernel of the clustering core (``csrc/rnn_rounds.cpp``), built on first use.
+
+The kernel runs the same nearest-neighbour rounds, tie rules and cut as the torch code path in
+:mod:`atc_det.clustering`, one sample per thread, and returns the labels. It is compiled with the
+system C++ compiler (``$CXX`` or ``g++``) into a cache directory (``$ATC_DET_NATIVE_CACHE`` or
+``~/.cache/atc_det``), keyed by the source, the compiler and the CPU, and loaded with ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("csrc") / "rnn_rounds.cpp"
+LINKAGE_CODES = {"single": 0, "complete": 1, "average": 2}
+MAX_TOKENS = 65535  # token pairs are uint32 ids
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+_library: ctypes.CDLL | None = None
+_build_error: str | None = None
+
+
+class NativeUnavailable(RuntimeError):
+    """The native kernel could not be built or loaded (message says why and what to do)."""
+
+
+def _compiler() -> str:
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise NativeUnavailable(
+            f"no C++ compiler {compiler!r} found to build the native clustering kernel; install "
+            f"g++ (e.g. apt-get install g++) or set CXX, or pass backend='torch'")
+    return compiler
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ATC_DET_NATIVE_CACHE", Path.home() / ".cache" / "atc_det"))
+
+
+def library_path() -> Path:
+    """Where the kernel for this source, compiler and CPU is (or will be) cached."""
+    compiler = _compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else platform.processor()
+    flags = next((line for line in cpu.splitlines() if line.startswith("flags")), cpu)
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(_FLAGS),
+                                    platform.machine(), flags]).encode()).hexdigest()[:16]
+    return _cache_dir() / f"rnn_rounds-{key}.so"
+
+
+def build() -> Path:
+    """Compile the kernel into the cache unless it is there (safe across processes)."""
+    target = library_path()
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                out = Path(tmp) / target.name
+                result = subprocess.run([_compiler(), *_FLAGS, "-o", str(out), str(SOURCE)],
+                                        capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise NativeUnavailable(f"building {SOURCE} failed:\n{result.stderr.strip()}")
+                os.replace(out, target)
+    return target
+
+
+def cluster_library() -> ctypes.CDLL:
+    global _library, _build_error
+    if _library is not None:
+        return _library
+    if _build_error is not None:
+        raise NativeUnavailable(_build_error)
+    try:
+        library = ctypes.CDLL(str(build()))
+    except (NativeUnavailable, OSError) as error:
+        _build_error = str(error)
+        raise NativeUnavailable(_build_error) from None
+    for name in ("atc_cluster_f32", "atc_cluster_f64"):
+        function = getattr(library, name)
+        function.restype = ctypes.c_int
+        function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                             ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_int,
+                             ctypes.c_void_p, ctypes.c_int]
+    _library = library
+    return library
+
+
+def available() -> bool:
+    """True if the kernel is built (or can be built now) and loads."""
+    try:
+        cluster_library()
+    except NativeUnavailable:
+        return False
+    return True
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel failed to build or load (None if it has not failed)."""
+    return _build_error
+
+
+def cluster(matrix: Tensor, linkage: str, num_merges: int | None, threshold: float | None,
+            groups: Tensor | None, from_similarity: bool) -> Tensor:
+    """Labels [B, N] int64 (first-member order) from ``matrix`` [B, N, N], overwritten.
+
+    ``matrix``: contiguous CPU float32/float64; cosine similarities (``from_similarity``) or
+    symmetric distances. ``groups`` [B, N] int64: tokens of different groups never merge.
+    Exactly one of ``num_merges`` (static: the N - K lowest merges) and ``threshold``.
+    """
+    library = cluster_library()
+    if matrix.dtype not in (torch.float32, torch.float64) or matrix.device.type != "cpu" \
+            or not matrix.is_contiguous():
+        raise TypeError(f"native clustering needs a contiguous CPU float32/float64 [B, N, N] "
+                        f"tensor, got {matrix.dtype} on {matrix.device}")
+    batch, num_tokens = matrix.shape[:2]
+    if num_tokens > MAX_TOKENS:
+        raise ValueError(f"native clustering supports at most {MAX_TOKENS} tokens, got "
+                         f"{num_tokens}; pass backend='torch'")
+    labels = torch.empty(batch, num_tokens, dtype=torch.long)
+    if groups is not None:
+        groups = groups.to(torch.long).contiguous()
+    function = library.atc_cluster_f32 if matrix.dtype == torch.float32 else library.atc_cluster_f64
+    status = function(matrix.data_ptr(), batch, num_tokens,
+                      None if groups is None else groups.data_ptr(), LINKAGE_CODES[linkage],
+                      -1 if num_merges is None else num_merges, int(threshold is not None),
+                      0.0 if threshold is None else float(threshold), int(from_similarity),
+                      labels.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"native clustering failed with status {status}")
+    return labels
