@@ -26,14 +26,41 @@ Rules (both deterministic):
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from atc_det import native
+
 LINKAGES = ("single", "complete", "average")
+BACKENDS = ("auto", "torch", "native")
+_warned_native = False
 _HALF = (torch.float16, torch.bfloat16)
 _NO_TIE = torch.iinfo(torch.int32).max
+
+
+def _use_native(backend: str, features: Tensor) -> bool:
+    """Whether this call runs the native CPU kernel (see ``agglomerative_clustering``)."""
+    if backend == "torch":
+        return False
+    if backend == "native":
+        if features.device.type != "cpu":
+            raise ValueError(f"backend='native' runs on CPU tensors only, got {features.device}; "
+                             f"use backend='torch' or 'auto'")
+        native.cluster_library()
+        return True
+    if features.device.type != "cpu" or features.shape[1] > native.MAX_TOKENS:
+        return False
+    if native.available():
+        return True
+    global _warned_native
+    if not _warned_native:
+        _warned_native = True
+        warnings.warn(f"atc_det: native clustering kernel unavailable, using the slower torch "
+                      f"path on CPU ({native.unavailable_reason()})", RuntimeWarning, stacklevel=3)
+    return False
 
 
 def cosine_distances(metric: Tensor) -> Tensor:
@@ -274,7 +301,7 @@ def _components(num_tokens: int, child: Tensor, parent: Tensor, kept: Tensor) ->
 def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | None = None,
                              linkage: str = "average", *, distances: Tensor | None = None,
                              threshold: float | None = None, valid: Tensor | None = None,
-                             protected: int = 0) -> Tensor:
+                             protected: int = 0, backend: str = "auto") -> Tensor:
     """Exact agglomerative clustering of each sample's tokens -> [B, N] int64 labels.
 
     Args:
@@ -287,6 +314,9 @@ def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | N
         valid: [B, N] bool. Invalid tokens (e.g. window padding) cluster only among themselves,
             with the same linkage; a valid and an invalid token never share a cluster.
         protected: the first ``protected`` tokens (e.g. a class token) stay singleton clusters.
+        backend: "torch" (batched tensor ops, any device), "native" (the C++ kernel of
+            :mod:`atc_det.native`, CPU only; same rounds and tie rules) or "auto" (native for CPU
+            tensors when it builds, else torch with a warning).
 
     K counts ALL clusters of a sample: protected singletons, clusters of valid tokens and clusters
     of invalid tokens, so every sample has exactly K labels and windows batch. The merges taken
@@ -303,6 +333,8 @@ def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | N
         raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
     if threshold is not None and not (isinstance(threshold, (int, float)) and threshold >= 0):
         raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if distances is not None:
         if not isinstance(distances, Tensor) or distances.dim() != 3 or \
                 distances.shape[1] != distances.shape[2]:
@@ -315,10 +347,22 @@ def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | N
         dist = upper + upper.mT
     else:
         check_tokens(metric, num_clusters, valid, protected)
-        dist = cosine_distances(metric.float() if metric.dtype in _HALF else metric)
+        metric = metric.float() if metric.dtype in _HALF else metric
+    features = distances if metric is None else metric
+    batch, num_tokens = features.shape[:2]
+    num_merges = None if num_clusters is None else num_tokens - num_clusters
+    if _use_native(backend, features):
+        groups = token_groups(batch, num_tokens, valid, protected, features.device) \
+            if valid is not None or protected else None
+        if metric is not None:  # cosine similarities; the kernel turns them into distances
+            unit = torch.nn.functional.normalize(metric, dim=-1)
+            return native.cluster(unit @ unit.mT, linkage, num_merges, threshold, groups, True)
+        return native.cluster(dist.float() if dist.dtype in _HALF else dist, linkage, num_merges,
+                              threshold, groups, False)
+    if metric is not None:
+        dist = cosine_distances(metric)
     if dist.dtype in _HALF:
         dist = dist.float()
-    batch, num_tokens = dist.shape[:2]
     # One extra all-+inf "sentinel" row and column: compaction pads every sample with it.
     dist = torch.nn.functional.pad(dist, (0, 1, 0, 1), value=float("inf"))
     if valid is not None or protected:
@@ -326,7 +370,6 @@ def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | N
         dist[:, :num_tokens, :num_tokens].masked_fill_(groups[:, :, None] != groups[:, None, :], float("inf"))
     dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
 
-    num_merges = None if num_clusters is None else num_tokens - num_clusters
     child, parent, height = _dendrogram(dist, linkage, num_merges, threshold)
     if threshold is not None:
         kept = height <= threshold

@@ -24,7 +24,8 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("csrc") / "rnn_rounds.cpp"
 LINKAGE_CODES = {"single": 0, "complete": 1, "average": 2}
 MAX_TOKENS = 65535  # token pairs are uint32 ids
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"] + (
+    ["-mprefer-vector-width=512"] if platform.machine() == "x86_64" else [])
 _library: ctypes.CDLL | None = None
 _build_error: str | None = None
 

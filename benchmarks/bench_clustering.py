@@ -1,7 +1,9 @@
 """Time ATC's batched agglomerative clustering against per-sample library loops.
 
 Every method starts from the same [B, N, C] float32 token features and ends with [B, N] labels:
-  * atc:        ``atc_det.clustering.agglomerative_clustering`` (cosine distance inside).
+  * atc:        ``atc_det.clustering.agglomerative_clustering`` (cosine distance inside), default
+                backend on CPU: the native C++ kernel (``atc_det/csrc/rnn_rounds.cpp``).
+  * atc-torch:  the same with ``backend="torch"`` (the batched tensor-op path, also for GPUs).
   * sklearn:    cosine-distance matrix in torch, then a per-sample
                 ``AgglomerativeClustering(metric="precomputed")`` loop (as the official ATC code).
   * scipy:      same matrix, per-sample ``scipy.cluster.hierarchy.linkage`` + ``fcluster``.
@@ -41,7 +43,11 @@ def _condensed(metric: torch.Tensor) -> list[np.ndarray]:
 
 
 def run_atc(metric: torch.Tensor, k: int, linkage: str) -> np.ndarray:
-    return agglomerative_clustering(metric, k, linkage).numpy()
+    return agglomerative_clustering(metric, k, linkage, backend="native").numpy()
+
+
+def run_atc_torch(metric: torch.Tensor, k: int, linkage: str) -> np.ndarray:
+    return agglomerative_clustering(metric, k, linkage, backend="torch").numpy()
 
 
 def run_sklearn(metric: torch.Tensor, k: int, linkage: str) -> np.ndarray:
@@ -61,7 +67,7 @@ def run_fastcluster(metric: torch.Tensor, k: int, linkage: str) -> np.ndarray:
 
 
 METHODS: dict[str, Callable[[torch.Tensor, int, str], np.ndarray]] = {
-    "atc": run_atc, "sklearn": run_sklearn, "scipy": run_scipy, "fastcluster": run_fastcluster,
+    "atc": run_atc, "atc-torch": run_atc_torch, "sklearn": run_sklearn, "scipy": run_scipy, "fastcluster": run_fastcluster,
 }
 
 
@@ -88,9 +94,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
           f"{platform.processor() or platform.platform()}")
-    print("| case | linkage | K | atc ms | sklearn ms | scipy ms | fastcluster ms "
-          "| vs sklearn | vs fastcluster | same partition |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| case | linkage | K | atc ms | atc-torch ms | sklearn ms | scipy ms | fastcluster ms "
+          "| atc vs sklearn | atc vs fastcluster | same partition |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     with torch.inference_mode():
         for name, batch, tokens, channels, ks in CASES:
             metric = torch.randn(batch, tokens, channels)
@@ -101,9 +107,10 @@ def main() -> None:
                     for method, fn in METHODS.items():
                         t, labels[method] = median_time(lambda: fn(metric, k, linkage), repeats)
                         ms[method] = 1e3 * t
-                    same = _same_partition(labels["atc"], labels["scipy"])
+                    same = _same_partition(labels["atc"], labels["scipy"]) and \
+                        _same_partition(labels["atc-torch"], labels["scipy"])
                     print(f"| {name} ({batch}x{tokens}, C={channels}) | {linkage} | {k} "
-                          f"| {ms['atc']:.1f} | {ms['sklearn']:.1f} | {ms['scipy']:.1f} "
+                          f"| {ms['atc']:.1f} | {ms['atc-torch']:.1f} | {ms['sklearn']:.1f} | {ms['scipy']:.1f} "
                           f"| {ms['fastcluster']:.1f} | {ms['sklearn'] / ms['atc']:.1f}x "
                           f"| {ms['fastcluster'] / ms['atc']:.2f}x | {same} |", flush=True)
 

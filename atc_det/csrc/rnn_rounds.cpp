@@ -48,26 +48,38 @@ struct Workspace {
 template <typename T>
 void prepare_distances(T* d, int64_t N, const int64_t* groups, bool from_similarity, int threads) {
   const T inf = std::numeric_limits<T>::infinity();
-  constexpr int64_t kTile = 32;  // tiles (i-block, j-block >= i-block): the transpose stays in L1
+  constexpr int64_t kTile = 32;  // tile (i-block, j-block >= i-block) and its mirror, via L1
 #pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
   for (int64_t ib = 0; ib < N; ib += kTile) {
+    T mirror[kTile][kTile];  // mirror[ii][jj] = D[jb + jj, ib + ii]
+    const int64_t ni = std::min(kTile, N - ib);
     for (int64_t jb = ib; jb < N; jb += kTile) {
-      for (int64_t i = ib; i < std::min(ib + kTile, N); ++i) {
-        for (int64_t j = std::max(jb, i + 1); j < std::min(jb + kTile, N); ++j) {
-          T a = d[i * N + j], b = d[j * N + i];
+      const int64_t nj = std::min(kTile, N - jb);
+      for (int64_t jj = 0; jj < nj; ++jj) {
+        for (int64_t ii = 0; ii < ni; ++ii) mirror[ii][jj] = d[(jb + jj) * N + ib + ii];
+      }
+      for (int64_t ii = 0; ii < ni; ++ii) {
+        T* row = d + (ib + ii) * N + jb;
+        const int64_t group_i = groups == nullptr ? 0 : groups[ib + ii];
+#pragma omp simd
+        for (int64_t jj = 0; jj < nj; ++jj) {
+          T a = row[jj], b = mirror[ii][jj];
           if (from_similarity) {
             a = T(1) - a;
             b = T(1) - b;
           }
-          T v = (a + b) * T(0.5);
-          if (from_similarity && v < T(0)) v = T(0);
-          if (groups != nullptr && groups[i] != groups[j]) v = inf;
-          d[i * N + j] = v;
-          d[j * N + i] = v;
+          T v = (a + b) * T(0.5);  // symmetric in (a, b): the mirror tile gets the same value
+          v = from_similarity && v < T(0) ? T(0) : v;
+          v = groups != nullptr && groups[jb + jj] != group_i ? inf : v;
+          row[jj] = v;
+          mirror[ii][jj] = v;
         }
       }
+      for (int64_t jj = 0; jj < nj; ++jj) {
+        for (int64_t ii = 0; ii < ni; ++ii) d[(jb + jj) * N + ib + ii] = mirror[ii][jj];
+      }
     }
-    for (int64_t i = ib; i < std::min(ib + kTile, N); ++i) d[i * N + i] = inf;
+    for (int64_t i = ib; i < ib + ni; ++i) d[i * N + i] = inf;
   }
 }
 
