@@ -39,6 +39,7 @@ struct Workspace {
   std::vector<T> nearest_dist, size, own_height, weight_b;
   std::vector<int32_t> rank;
   std::vector<int64_t> nearest, first, slots, keep, new_index, root, keeper, pair_a, pair_b;
+  std::vector<int64_t> member_start, member_fill, members;  // single: CSR of each new cluster
   std::vector<char> mutual, edge, stale, merged;
   std::vector<Edge> edges;
   std::vector<int64_t> order, parent_of, label;
@@ -265,36 +266,55 @@ void boruvka_rounds(T* d, int64_t N, int64_t num_merges, bool use_threshold, T t
       }
     }
     for (int64_t r = 0; r < n; ++r) w.new_index[r] = w.new_index[w.keeper[w.root[r]]];
-    // Row minima (lexicographic on (distance, token pair)), then column minima.
+    // Row minima (lexicographic on (distance, token pair)), then column minima; rows split
+    // over threads by column ranges, columns by rows.
     T* rows = w.rows.data();
     uint32_t* prow = w.pair_rows.data();
-    std::fill(rows, rows + m * N, inf);
-    std::fill(prow, prow + m * N, std::numeric_limits<uint32_t>::max());
-    for (int64_t r = 0; r < n; ++r) {
-      T* out = rows + w.new_index[r] * N;
-      uint32_t* pout = prow + w.new_index[r] * N;
-      const T* in = d + r * N;
-      const uint32_t* pin = w.pair.data() + r * N;
-      for (int64_t c = 0; c < n; ++c) {
-        if (in[c] < out[c] || (in[c] == out[c] && pin[c] < pout[c])) {
-          out[c] = in[c];
-          pout[c] = pin[c];
+    const uint32_t no_pair = std::numeric_limits<uint32_t>::max();
+    constexpr int64_t kChunk = 256;
+#pragma omp parallel for schedule(static) num_threads(w.threads) if (w.threads > 1)
+    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+      const int64_t c1 = std::min(n, c0 + kChunk);
+      for (int64_t a = 0; a < m; ++a) {
+        std::fill(rows + a * N + c0, rows + a * N + c1, inf);
+        std::fill(prow + a * N + c0, prow + a * N + c1, no_pair);
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        T* out = rows + w.new_index[r] * N;
+        uint32_t* pout = prow + w.new_index[r] * N;
+        const T* in = d + r * N;
+        const uint32_t* pin = w.pair.data() + r * N;
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) {
+          const bool take = in[c] < out[c] || (in[c] == out[c] && pin[c] < pout[c]);
+          out[c] = take ? in[c] : out[c];
+          pout[c] = take ? pin[c] : pout[c];
         }
       }
     }
+    // Members of each new cluster (CSR over old indices, ascending).
+    std::fill(w.member_start.begin(), w.member_start.begin() + m + 1, 0);
+    for (int64_t c = 0; c < n; ++c) ++w.member_start[w.new_index[c] + 1];
+    for (int64_t a = 0; a < m; ++a) w.member_start[a + 1] += w.member_start[a];
+    std::copy(w.member_start.begin(), w.member_start.begin() + m, w.member_fill.begin());
+    for (int64_t c = 0; c < n; ++c) w.members[w.member_fill[w.new_index[c]]++] = c;
+#pragma omp parallel for schedule(static) num_threads(w.threads) if (w.threads > 1)
     for (int64_t a = 0; a < m; ++a) {
       T* out = d + a * N;
       uint32_t* pout = w.pair.data() + a * N;
-      std::fill(out, out + m, inf);
-      std::fill(pout, pout + m, std::numeric_limits<uint32_t>::max());
       const T* in = rows + a * N;
       const uint32_t* pin = prow + a * N;
-      for (int64_t c = 0; c < n; ++c) {
-        const int64_t b = w.new_index[c];
-        if (in[c] < out[b] || (in[c] == out[b] && pin[c] < pout[b])) {
-          out[b] = in[c];
-          pout[b] = pin[c];
+      for (int64_t b = 0; b < m; ++b) {
+        T best = inf;
+        uint32_t best_pair = no_pair;
+        for (int64_t e = w.member_start[b]; e < w.member_start[b + 1]; ++e) {
+          const int64_t c = w.members[e];
+          const bool take = in[c] < best || (in[c] == best && pin[c] < best_pair);
+          best = take ? in[c] : best;
+          best_pair = take ? pin[c] : best_pair;
         }
+        out[b] = best;
+        pout[b] = best_pair;
       }
       out[a] = inf;
     }
@@ -316,9 +336,11 @@ void cluster_sample(T* d, int64_t N, const int64_t* groups, int linkage, int64_t
   w.nearest.resize(N);
   w.first.resize(N);
   std::iota(w.first.begin(), w.first.end(), 0);
-  for (std::vector<int64_t>* v : {&w.keep, &w.new_index, &w.root, &w.keeper, &w.pair_a, &w.pair_b}) {
+  for (std::vector<int64_t>* v : {&w.keep, &w.new_index, &w.root, &w.keeper, &w.pair_a, &w.pair_b,
+                                   &w.member_fill, &w.members}) {
     v->resize(N);
   }
+  w.member_start.resize(N + 1);
   w.stale.assign(N, 1);
   w.merged.assign(N, 0);
   w.mutual.resize(N);
