@@ -315,8 +315,10 @@ def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | N
             with the same linkage; a valid and an invalid token never share a cluster.
         protected: the first ``protected`` tokens (e.g. a class token) stay singleton clusters.
         backend: "torch" (batched tensor ops, any device), "native" (the C++ kernel of
-            :mod:`atc_det.native`, CPU only; same rounds and tie rules) or "auto" (native for CPU
-            tensors when it builds, else torch with a warning).
+            :mod:`atc_det.native`, CPU only: the same rounds, tie rules and cut, so the same labels
+            for the same distances; from ``metric`` it computes the cosine distances itself, which
+            may differ from the torch path's in the last bit) or "auto" (native for CPU tensors
+            when it builds, else torch with a warning).
 
     K counts ALL clusters of a sample: protected singletons, clusters of valid tokens and clusters
     of invalid tokens, so every sample has exactly K labels and windows batch. The merges taken
@@ -354,11 +356,11 @@ def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | N
     if _use_native(backend, features):
         groups = token_groups(batch, num_tokens, valid, protected, features.device) \
             if valid is not None or protected else None
-        if metric is not None:  # cosine similarities; the kernel turns them into distances
+        if metric is not None:  # the kernel computes the cosine distances
             unit = torch.nn.functional.normalize(metric, dim=-1)
-            return native.cluster(unit @ unit.mT, linkage, num_merges, threshold, groups, True)
-        return native.cluster(dist.float() if dist.dtype in _HALF else dist, linkage, num_merges,
-                              threshold, groups, False)
+            return native.cluster(linkage, num_merges, threshold, groups, unit=unit)
+        return native.cluster(linkage, num_merges, threshold, groups,
+                              distances=dist.float() if dist.dtype in _HALF else dist)
     if metric is not None:
         dist = cosine_distances(metric)
     if dist.dtype in _HALF:

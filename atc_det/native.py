@@ -91,9 +91,9 @@ def cluster_library() -> ctypes.CDLL:
     for name in ("atc_cluster_f32", "atc_cluster_f64"):
         function = getattr(library, name)
         function.restype = ctypes.c_int
-        function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                             ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_int,
-                             ctypes.c_void_p, ctypes.c_int]
+        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+                             ctypes.c_double, ctypes.c_void_p, ctypes.c_int]
     _library = library
     return library
 
@@ -112,32 +112,36 @@ def unavailable_reason() -> str | None:
     return _build_error
 
 
-def cluster(matrix: Tensor, linkage: str, num_merges: int | None, threshold: float | None,
-            groups: Tensor | None, from_similarity: bool) -> Tensor:
-    """Labels [B, N] int64 (first-member order) from ``matrix`` [B, N, N], overwritten.
+def cluster(linkage: str, num_merges: int | None, threshold: float | None, groups: Tensor | None, *,
+            distances: Tensor | None = None, unit: Tensor | None = None) -> Tensor:
+    """Labels [B, N] int64 (first-member order), from exactly one of:
 
-    ``matrix``: contiguous CPU float32/float64; cosine similarities (``from_similarity``) or
-    symmetric distances. ``groups`` [B, N] int64: tokens of different groups never merge.
-    Exactly one of ``num_merges`` (static: the N - K lowest merges) and ``threshold``.
+    ``distances`` [B, N, N]: symmetric distances (overwritten), or ``unit`` [B, N, C]: unit-norm
+    features, compared by cosine distance ``max(1 - <u_i, u_j>, 0)`` inside the kernel. Both
+    contiguous CPU float32/float64. ``groups`` [B, N] int64: tokens of different groups never
+    merge. Exactly one of ``num_merges`` (static: the N - K lowest merges) and ``threshold``.
     """
     library = cluster_library()
-    if matrix.dtype not in (torch.float32, torch.float64) or matrix.device.type != "cpu" \
-            or not matrix.is_contiguous():
-        raise TypeError(f"native clustering needs a contiguous CPU float32/float64 [B, N, N] "
-                        f"tensor, got {matrix.dtype} on {matrix.device}")
-    batch, num_tokens = matrix.shape[:2]
+    data = unit if distances is None else distances
+    if data.dtype not in (torch.float32, torch.float64) or data.device.type != "cpu":
+        raise TypeError(f"native clustering needs CPU float32/float64 tensors, got {data.dtype} on "
+                        f"{data.device}")
+    data = data.contiguous()
+    batch, num_tokens = data.shape[:2]
     if num_tokens > MAX_TOKENS:
         raise ValueError(f"native clustering supports at most {MAX_TOKENS} tokens, got "
                          f"{num_tokens}; pass backend='torch'")
     labels = torch.empty(batch, num_tokens, dtype=torch.long)
     if groups is not None:
         groups = groups.to(torch.long).contiguous()
-    function = library.atc_cluster_f32 if matrix.dtype == torch.float32 else library.atc_cluster_f64
-    status = function(matrix.data_ptr(), batch, num_tokens,
+    function = library.atc_cluster_f32 if data.dtype == torch.float32 else library.atc_cluster_f64
+    status = function(data.data_ptr() if distances is not None else None,
+                      data.data_ptr() if unit is not None else None, batch, num_tokens,
+                      data.shape[2] if unit is not None else 0,
                       None if groups is None else groups.data_ptr(), LINKAGE_CODES[linkage],
                       -1 if num_merges is None else num_merges, int(threshold is not None),
-                      0.0 if threshold is None else float(threshold), int(from_similarity),
-                      labels.data_ptr(), torch.get_num_threads())
+                      0.0 if threshold is None else float(threshold), labels.data_ptr(),
+                      torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"native clustering failed with status {status}")
     return labels

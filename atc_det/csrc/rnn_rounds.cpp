@@ -3,9 +3,10 @@
 // C ABI (loaded with ctypes by atc_det/native.py), no torch headers; OpenMP over samples (or over
 // rows for one large sample), sharing torch's libgomp thread pool once torch is loaded.
 //
-// Per sample (N tokens, row-major [N, N] buffer, overwritten):
-//   1. distances: D = (A + A^T) / 2 with A the buffer (similarities: A = 1 - buffer, then D >= 0),
-//      +inf on the diagonal and between tokens of different groups.
+// Per sample (N tokens):
+//   1. distances [N, N]: given (symmetric), or cosine distances max(1 - <u_i, u_j>, 0) of unit
+//      features computed here (upper triangle, mirrored); +inf on the diagonal and between
+//      tokens of different groups.
 //   2. rounds: every cluster finds its nearest neighbour (ties: smallest rank XOR rank, clusters
 //      ranked by first member).
 //      - complete/average: the mutual pairs merge (RNN), Lance-Williams updates in place; the
@@ -33,6 +34,8 @@ struct Edge {
 
 template <typename T>
 struct Workspace {
+  std::vector<T> matrix;       // [N, N] distances of a sample given as features
+  std::vector<T> transposed;   // [C, N] its features, transposed
   std::vector<T> rows;         // single: [n, N] row minima of the round
   std::vector<uint32_t> pair;  // single: token pair (i * N + j) realising D[r, c]
   std::vector<uint32_t> pair_rows;
@@ -46,42 +49,88 @@ struct Workspace {
   int threads = 1;  // OpenMP threads inside one sample (large N, few samples)
 };
 
+// Copy the upper triangle of d [N, N] onto the lower one (32 x 32 tiles through L1).
 template <typename T>
-void prepare_distances(T* d, int64_t N, const int64_t* groups, bool from_similarity, int threads) {
-  const T inf = std::numeric_limits<T>::infinity();
-  constexpr int64_t kTile = 32;  // tile (i-block, j-block >= i-block) and its mirror, via L1
+void mirror_upper(T* d, int64_t N, int threads) {
+  constexpr int64_t kTile = 32;
 #pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
   for (int64_t ib = 0; ib < N; ib += kTile) {
-    T mirror[kTile][kTile];  // mirror[ii][jj] = D[jb + jj, ib + ii]
-    const int64_t ni = std::min(kTile, N - ib);
     for (int64_t jb = ib; jb < N; jb += kTile) {
-      const int64_t nj = std::min(kTile, N - jb);
-      for (int64_t jj = 0; jj < nj; ++jj) {
-        for (int64_t ii = 0; ii < ni; ++ii) mirror[ii][jj] = d[(jb + jj) * N + ib + ii];
-      }
-      for (int64_t ii = 0; ii < ni; ++ii) {
-        T* row = d + (ib + ii) * N + jb;
-        const int64_t group_i = groups == nullptr ? 0 : groups[ib + ii];
-#pragma omp simd
-        for (int64_t jj = 0; jj < nj; ++jj) {
-          T a = row[jj], b = mirror[ii][jj];
-          if (from_similarity) {
-            a = T(1) - a;
-            b = T(1) - b;
-          }
-          T v = (a + b) * T(0.5);  // symmetric in (a, b): the mirror tile gets the same value
-          v = from_similarity && v < T(0) ? T(0) : v;
-          v = groups != nullptr && groups[jb + jj] != group_i ? inf : v;
-          row[jj] = v;
-          mirror[ii][jj] = v;
-        }
-      }
-      for (int64_t jj = 0; jj < nj; ++jj) {
-        for (int64_t ii = 0; ii < ni; ++ii) d[(jb + jj) * N + ib + ii] = mirror[ii][jj];
+      for (int64_t j = jb; j < std::min(jb + kTile, N); ++j) {
+        for (int64_t i = ib; i < std::min({ib + kTile, N, j}); ++i) d[j * N + i] = d[i * N + j];
       }
     }
-    for (int64_t i = ib; i < ib + ni; ++i) d[i * N + i] = inf;
   }
+}
+
+// Distances to cluster: +inf on the diagonal and between tokens of different groups.
+template <typename T>
+void mask_distances(T* d, int64_t N, const int64_t* groups) {
+  const T inf = std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < N; ++i) {
+    T* row = d + i * N;
+    if (groups != nullptr) {
+      const int64_t group_i = groups[i];
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) row[j] = groups[j] != group_i ? inf : row[j];
+    }
+    row[i] = inf;
+  }
+}
+
+// Cosine distances max(1 - <u_i, u_j>, 0) of unit rows u [N, C] into d [N, N], computed once
+// per pair (upper triangle: 8 rows x 16 columns at a time over u^T) and mirrored, so exactly
+// symmetric.
+template <typename T>
+void cosine_distances(const T* unit, int64_t N, int64_t C, T* d, std::vector<T>& transposed,
+                      int threads) {
+  constexpr int64_t kCols = 16, kRows = 8;
+  typedef T Vec __attribute__((vector_size(kCols * sizeof(T))));
+  const int64_t padded = (N + kCols - 1) / kCols * kCols;
+  transposed.resize(C * padded);
+  for (int64_t k = 0; k < C; ++k) {
+    T* out = transposed.data() + k * padded;
+    for (int64_t i = 0; i < N; ++i) out[i] = unit[i * C + k];
+    std::fill(out + N, out + padded, T(0));
+  }
+  const T* ut = transposed.data();
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (threads > 1)
+  for (int64_t i0 = 0; i0 < N; i0 += kRows) {
+    const int64_t rows = std::min(kRows, N - i0);
+    T u[kRows][256];  // the rows' features (C <= 256 here; else the scalar loop below)
+    const bool vectorised = C <= 256;
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t k = 0; vectorised && k < C; ++k) u[r][k] = r < rows ? unit[(i0 + r) * C + k] : T(0);
+    }
+    for (int64_t jb = (i0 + 1) / kCols * kCols; jb < N; jb += kCols) {
+      T out[kRows][kCols];
+      if (vectorised) {
+        Vec acc[kRows] = {};
+        for (int64_t k = 0; k < C; ++k) {
+          Vec t;
+          std::copy(ut + k * padded + jb, ut + k * padded + jb + kCols, reinterpret_cast<T*>(&t));
+          for (int64_t r = 0; r < kRows; ++r) acc[r] += u[r][k] * t;
+        }
+        for (int64_t r = 0; r < kRows; ++r) std::copy(reinterpret_cast<T*>(&acc[r]), reinterpret_cast<T*>(&acc[r]) + kCols, out[r]);
+      } else {
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t jj = 0; jj < kCols; ++jj) {
+            T dot = T(0);
+            for (int64_t k = 0; k < C; ++k) dot += unit[(i0 + r) * C + k] * ut[k * padded + jb + jj];
+            out[r][jj] = dot;
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        for (int64_t jj = std::max<int64_t>(0, i + 1 - jb); jj < std::min(kCols, N - jb); ++jj) {
+          const T v = T(1) - out[r][jj];
+          d[i * N + jb + jj] = v < T(0) ? T(0) : v;
+        }
+      }
+    }
+  }
+  mirror_upper(d, N, threads);
 }
 
 // Nearest neighbour of the cluster of rank `rank_r` from its row [width] (+inf: inactive): the
@@ -325,9 +374,8 @@ void boruvka_rounds(T* d, int64_t N, int64_t num_merges, bool use_threshold, T t
 
 template <typename T>
 void cluster_sample(T* d, int64_t N, const int64_t* groups, int linkage, int64_t num_merges,
-                    bool use_threshold, T threshold, bool from_similarity, int64_t* labels,
-                    Workspace<T>& w) {
-  prepare_distances(d, N, groups, from_similarity, w.threads);
+                    bool use_threshold, T threshold, int64_t* labels, Workspace<T>& w) {
+  mask_distances(d, N, groups);
   w.nearest_dist.resize(N);
   w.size.assign(N, T(1));
   w.own_height.assign(N, -std::numeric_limits<T>::infinity());
@@ -389,11 +437,15 @@ void cluster_sample(T* d, int64_t N, const int64_t* groups, int linkage, int64_t
   }
 }
 
+// Either `distances` [B, N, N] (symmetric; overwritten) or `unit` [B, N, C] (unit-norm features:
+// cosine distances are computed per sample into the workspace) is given, the other is null.
 template <typename T>
-int cluster_batch(T* d, int64_t B, int64_t N, const int64_t* groups, int linkage, int64_t num_merges,
-                  int use_threshold, double threshold, int from_similarity, int64_t* labels,
-                  int num_threads) {
-  if (N < 1 || N > 65535 || linkage < 0 || linkage > 2) return 1;
+int cluster_batch(T* distances, const T* unit, int64_t B, int64_t N, int64_t C, const int64_t* groups,
+                  int linkage, int64_t num_merges, int use_threshold, double threshold,
+                  int64_t* labels, int num_threads) {
+  if (N < 1 || N > 65535 || linkage < 0 || linkage > 2 || (distances == nullptr) == (unit == nullptr)) {
+    return 1;
+  }
   // Samples in parallel; a large sample alone (a global block) is split over rows instead.
   const int threads = std::max(1, num_threads);
   const bool split_rows = N >= 512 && B < threads;
@@ -404,9 +456,14 @@ int cluster_batch(T* d, int64_t B, int64_t N, const int64_t* groups, int linkage
     w.threads = split_rows ? threads : 1;
 #pragma omp for schedule(dynamic)
     for (int64_t b = 0; b < B; ++b) {
-      cluster_sample<T>(d + b * N * N, N, groups == nullptr ? nullptr : groups + b * N, linkage,
-                        num_merges, use_threshold != 0, static_cast<T>(threshold),
-                        from_similarity != 0, labels + b * N, w);
+      T* d = distances + b * N * N;
+      if (unit != nullptr) {
+        w.matrix.resize(N * N);
+        d = w.matrix.data();
+        cosine_distances(unit + b * N * C, N, C, d, w.transposed, w.threads);
+      }
+      cluster_sample<T>(d, N, groups == nullptr ? nullptr : groups + b * N, linkage, num_merges,
+                        use_threshold != 0, static_cast<T>(threshold), labels + b * N, w);
     }
   }
   return 0;
@@ -416,18 +473,18 @@ int cluster_batch(T* d, int64_t B, int64_t N, const int64_t* groups, int linkage
 
 extern "C" {
 
-int atc_cluster_f32(float* d, int64_t B, int64_t N, const int64_t* groups, int linkage,
-                    int64_t num_merges, int use_threshold, double threshold, int from_similarity,
-                    int64_t* labels, int num_threads) {
-  return cluster_batch<float>(d, B, N, groups, linkage, num_merges, use_threshold, threshold,
-                              from_similarity, labels, num_threads);
+int atc_cluster_f32(float* distances, const float* unit, int64_t B, int64_t N, int64_t C,
+                    const int64_t* groups, int linkage, int64_t num_merges, int use_threshold,
+                    double threshold, int64_t* labels, int num_threads) {
+  return cluster_batch<float>(distances, unit, B, N, C, groups, linkage, num_merges, use_threshold,
+                              threshold, labels, num_threads);
 }
 
-int atc_cluster_f64(double* d, int64_t B, int64_t N, const int64_t* groups, int linkage,
-                    int64_t num_merges, int use_threshold, double threshold, int from_similarity,
-                    int64_t* labels, int num_threads) {
-  return cluster_batch<double>(d, B, N, groups, linkage, num_merges, use_threshold, threshold,
-                               from_similarity, labels, num_threads);
+int atc_cluster_f64(double* distances, const double* unit, int64_t B, int64_t N, int64_t C,
+                    const int64_t* groups, int linkage, int64_t num_merges, int use_threshold,
+                    double threshold, int64_t* labels, int num_threads) {
+  return cluster_batch<double>(distances, unit, B, N, C, groups, linkage, num_merges, use_threshold,
+                               threshold, labels, num_threads);
 }
 
 }  // extern "C"
