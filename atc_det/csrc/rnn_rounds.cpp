@@ -242,17 +242,29 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
     for (int64_t i = 0; i < active; ++i) {
       const int64_t x = slots[i];
       T* row = d + x * N;
-      bool stale = w.merged[w.nearest[x]];
       const T nearest = w.nearest_dist[x];
-      for (int64_t q = 0; q < p; ++q) {
-        const int64_t a = w.pair_a[q], b = w.pair_b[q];
-        const T v = linkage == kComplete ? std::max(row[a], row[b])
-                                         : row[a] * (T(1) - w.weight_b[q]) + row[b] * w.weight_b[q];
-        row[a] = v;
-        row[b] = inf;
-        stale |= v <= nearest;
+      const int64_t* pair_a = w.pair_a.data();
+      const int64_t* pair_b = w.pair_b.data();
+      const T* weight_b = w.weight_b.data();
+      int beaten = 0;
+      if (linkage == kComplete) {
+#pragma omp simd reduction(| : beaten)
+        for (int64_t q = 0; q < p; ++q) {  // the pairs' entries are distinct: gather / scatter
+          const T v = std::max(row[pair_a[q]], row[pair_b[q]]);
+          row[pair_a[q]] = v;
+          row[pair_b[q]] = inf;
+          beaten |= v <= nearest;
+        }
+      } else {
+#pragma omp simd reduction(| : beaten)
+        for (int64_t q = 0; q < p; ++q) {
+          const T v = row[pair_a[q]] * (T(1) - weight_b[q]) + row[pair_b[q]] * weight_b[q];
+          row[pair_a[q]] = v;
+          row[pair_b[q]] = inf;
+          beaten |= v <= nearest;
+        }
       }
-      w.stale[x] = w.stale[x] || stale;
+      w.stale[x] = w.stale[x] || beaten || w.merged[w.nearest[x]];
     }
     if (linkage == kAverage) {
       for (int64_t q = 0; q < p; ++q) {
