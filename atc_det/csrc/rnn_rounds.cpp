@@ -17,6 +17,9 @@
 //   3. cut: static: the N - K lowest merges, stable by (height, round, rank); dynamic: every merge
 //      with height <= threshold. Union-find; clusters numbered by their first member.
 #include <algorithm>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -36,6 +39,7 @@ template <typename T>
 struct Workspace {
   std::vector<T> matrix;       // [N, N] distances of a sample given as features
   std::vector<T> transposed;   // [C, N] its features, transposed
+  std::vector<T> zeros;        // [C] padding row
   std::vector<T> rows;         // single: [n, N] row minima of the round
   std::vector<uint32_t> pair;  // single: token pair (i * N + j) realising D[r, c]
   std::vector<uint32_t> pair_rows;
@@ -83,49 +87,39 @@ void mask_distances(T* d, int64_t N, const int64_t* groups) {
 // symmetric.
 template <typename T>
 void cosine_distances(const T* unit, int64_t N, int64_t C, T* d, std::vector<T>& transposed,
-                      int threads) {
+                      std::vector<T>& zeros, int threads) {
   constexpr int64_t kCols = 16, kRows = 8;
   typedef T Vec __attribute__((vector_size(kCols * sizeof(T))));
   const int64_t padded = (N + kCols - 1) / kCols * kCols;
-  transposed.resize(C * padded);
-  for (int64_t k = 0; k < C; ++k) {
-    T* out = transposed.data() + k * padded;
-    for (int64_t i = 0; i < N; ++i) out[i] = unit[i * C + k];
-    std::fill(out + N, out + padded, T(0));
+  transposed.assign(C * padded, T(0));
+  for (int64_t i = 0; i < N; ++i) {
+    for (int64_t k = 0; k < C; ++k) transposed[k * padded + i] = unit[i * C + k];
   }
+  zeros.assign(C, T(0));
   const T* ut = transposed.data();
+  const Vec zero = {};
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (threads > 1)
   for (int64_t i0 = 0; i0 < N; i0 += kRows) {
-    const int64_t rows = std::min(kRows, N - i0);
-    T u[kRows][256];  // the rows' features (C <= 256 here; else the scalar loop below)
-    const bool vectorised = C <= 256;
-    for (int64_t r = 0; r < kRows; ++r) {
-      for (int64_t k = 0; vectorised && k < C; ++k) u[r][k] = r < rows ? unit[(i0 + r) * C + k] : T(0);
-    }
+    const T* u[kRows];  // the block's rows (a zero row past N)
+    for (int64_t r = 0; r < kRows; ++r) u[r] = i0 + r < N ? unit + (i0 + r) * C : zeros.data();
     for (int64_t jb = (i0 + 1) / kCols * kCols; jb < N; jb += kCols) {
-      T out[kRows][kCols];
-      if (vectorised) {
-        Vec acc[kRows] = {};
-        for (int64_t k = 0; k < C; ++k) {
-          Vec t;
-          std::copy(ut + k * padded + jb, ut + k * padded + jb + kCols, reinterpret_cast<T*>(&t));
-          for (int64_t r = 0; r < kRows; ++r) acc[r] += u[r][k] * t;
-        }
-        for (int64_t r = 0; r < kRows; ++r) std::copy(reinterpret_cast<T*>(&acc[r]), reinterpret_cast<T*>(&acc[r]) + kCols, out[r]);
-      } else {
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t jj = 0; jj < kCols; ++jj) {
-            T dot = T(0);
-            for (int64_t k = 0; k < C; ++k) dot += unit[(i0 + r) * C + k] * ut[k * padded + jb + jj];
-            out[r][jj] = dot;
-          }
-        }
+      Vec acc[kRows] = {};
+      for (int64_t k = 0; k < C; ++k) {
+        Vec t;
+        std::copy(ut + k * padded + jb, ut + k * padded + jb + kCols, reinterpret_cast<T*>(&t));
+        for (int64_t r = 0; r < kRows; ++r) acc[r] += u[r][k] * t;
       }
-      for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t r = 0; r < kRows && i0 + r < N; ++r) {
         const int64_t i = i0 + r;
-        for (int64_t jj = std::max<int64_t>(0, i + 1 - jb); jj < std::min(kCols, N - jb); ++jj) {
-          const T v = T(1) - out[r][jj];
-          d[i * N + jb + jj] = v < T(0) ? T(0) : v;
+        Vec v = 1 - acc[r];
+        v = v < zero ? zero : v;
+        const T* values = reinterpret_cast<const T*>(&v);
+        if (jb > i && jb + kCols <= N) {  // the whole block lies in the upper triangle
+          std::copy(values, values + kCols, d + i * N + jb);
+        } else {
+          for (int64_t jj = std::max<int64_t>(0, i + 1 - jb); jj < std::min(kCols, N - jb); ++jj) {
+            d[i * N + jb + jj] = values[jj];
+          }
         }
       }
     }
@@ -159,6 +153,43 @@ inline bool nearest_neighbour(const T* row, int64_t width, int32_t rank_r, const
   nearest_rank = rank_r ^ best_xor;
   return ties == 1;
 }
+
+#if defined(__AVX512F__)
+// float32 with AVX-512: a min pass, then a compare pass whose (rare) equal lanes apply the tie
+// rule; the same result as the generic version.
+template <>
+inline bool nearest_neighbour<float>(const float* row, int64_t width, int32_t rank_r,
+                                     const int32_t* rank, float& best, int32_t& nearest_rank) {
+  __m512 lanes = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  int64_t c = 0;
+  for (; c + 16 <= width; c += 16) lanes = _mm512_min_ps(lanes, _mm512_loadu_ps(row + c));
+  float m = _mm512_reduce_min_ps(lanes);
+  for (int64_t t = c; t < width; ++t) m = row[t] < m ? row[t] : m;
+  best = m;
+  if (std::isinf(m)) {
+    nearest_rank = rank_r;
+    return true;
+  }
+  const __m512 target = _mm512_set1_ps(m);
+  int32_t best_xor = std::numeric_limits<int32_t>::max();
+  int32_t ties = 0;
+  auto consider = [&](int64_t column) {
+    ++ties;
+    best_xor = std::min(best_xor, rank_r ^ rank[column]);
+  };
+  for (c = 0; c + 16 <= width; c += 16) {
+    for (__mmask16 equal = _mm512_cmpeq_ps_mask(_mm512_loadu_ps(row + c), target); equal != 0;
+         equal &= equal - 1) {
+      consider(c + __builtin_ctz(equal));
+    }
+  }
+  for (; c < width; ++c) {
+    if (row[c] == m) consider(c);
+  }
+  nearest_rank = rank_r ^ best_xor;
+  return ties == 1;
+}
+#endif
 
 // Whether the rounds can stop: no later merge can be among the kept ones.
 template <typename T>
@@ -472,7 +503,7 @@ int cluster_batch(T* distances, const T* unit, int64_t B, int64_t N, int64_t C, 
       if (unit != nullptr) {
         w.matrix.resize(N * N);
         d = w.matrix.data();
-        cosine_distances(unit + b * N * C, N, C, d, w.transposed, w.threads);
+        cosine_distances(unit + b * N * C, N, C, d, w.transposed, w.zeros, w.threads);
       }
       cluster_sample<T>(d, N, groups == nullptr ? nullptr : groups + b * N, linkage, num_merges,
                         use_threshold != 0, static_cast<T>(threshold), labels + b * N, w);
