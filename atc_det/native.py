@@ -132,6 +132,8 @@ def cluster(linkage: str, num_merges: int | None, threshold: float | None, group
         raise ValueError(f"native clustering supports at most {MAX_TOKENS} tokens, got "
                          f"{num_tokens}; pass backend='torch'")
     labels = torch.empty(batch, num_tokens, dtype=torch.long)
+    if batch == 0:
+        return labels
     if groups is not None:
         groups = groups.to(torch.long).contiguous()
     function = library.atc_cluster_f32 if data.dtype == torch.float32 else library.atc_cluster_f64

@@ -144,6 +144,7 @@ def test_all_identical_tokens_and_duplicates(method, backend):
 def test_edge_cases(backend):
     x = torch.randn(3, 1, 4)
     assert agglomerative_clustering(x, 1, backend=backend).tolist() == [[0], [0], [0]]
+    assert agglomerative_clustering(torch.randn(0, 5, 3), 2, backend=backend).shape == (0, 5)
     x = torch.randn(2, 9, 4)
     assert torch.equal(agglomerative_clustering(x, 9, backend=backend), torch.arange(9).expand(2, 9))
     assert agglomerative_clustering(x, 1, "single", backend=backend).abs().sum() == 0
@@ -200,6 +201,7 @@ def test_native_kernel_equals_torch_path_with_ties(method):
         if num_tokens >= 4:
             calls.append(dict(num_clusters=max(k, 3 + int(not bool(valid[:, 1:].all()))),
                               valid=valid, protected=1))
+            calls.append(dict(threshold=0.3, valid=valid))
         dist = cosine_distances(x)
         for kwargs in calls:
             expected = agglomerative_clustering(linkage=method, distances=dist, backend="torch", **kwargs)
@@ -208,12 +210,21 @@ def test_native_kernel_equals_torch_path_with_ties(method):
 
 
 def test_native_kernel_large_sample_splits_rows():
-    """One sample of N >= 512 runs row-parallel inside the kernel: still SciPy's partition."""
+    """One sample of N >= 512 runs row-parallel inside the kernel: still SciPy's partition, and
+    with padding (as for image-scope clustering in ViTDet) the torch path's labels."""
     x = torch.randn(1, 600, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     for method in LINKAGES:
         labels = agglomerative_clustering(x, 150, method, backend="native")
         ref = fcluster(linkage(pdist(x[0].numpy(), "cosine"), method=method), 150, "maxclust")
         assert same_partition(labels[0], ref)
+    valid = torch.arange(600)[None] < 520
+    dist = cosine_distances(x)
+    for method in LINKAGES:
+        expected = agglomerative_clustering(linkage=method, num_clusters=200, distances=dist,
+                                            valid=valid, backend="torch")
+        got = agglomerative_clustering(linkage=method, num_clusters=200, distances=dist, valid=valid,
+                                       backend="native")
+        assert torch.equal(got, expected), method
 
 
 def test_without_compiler_auto_falls_back_with_a_warning_and_native_errors(tmp_path):
