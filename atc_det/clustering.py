@@ -347,28 +347,25 @@ def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | N
             raise ValueError("distances must be symmetric ([B, N, N] with D[b, i, j] == D[b, j, i])")
         upper = torch.triu(distances, diagonal=1)
         dist = upper + upper.mT
+        dist = dist.float() if dist.dtype in _HALF else dist
     else:
         check_tokens(metric, num_clusters, valid, protected)
         metric = metric.float() if metric.dtype in _HALF else metric
     features = distances if metric is None else metric
     batch, num_tokens = features.shape[:2]
     num_merges = None if num_clusters is None else num_tokens - num_clusters
+    groups = token_groups(batch, num_tokens, valid, protected, features.device) \
+        if valid is not None or protected else None
     if _use_native(backend, features):
-        groups = token_groups(batch, num_tokens, valid, protected, features.device) \
-            if valid is not None or protected else None
         if metric is not None:  # the kernel computes the cosine distances
             unit = torch.nn.functional.normalize(metric, dim=-1)
             return native.cluster(linkage, num_merges, threshold, groups, unit=unit)
-        return native.cluster(linkage, num_merges, threshold, groups,
-                              distances=dist.float() if dist.dtype in _HALF else dist)
+        return native.cluster(linkage, num_merges, threshold, groups, distances=dist)
     if metric is not None:
         dist = cosine_distances(metric)
-    if dist.dtype in _HALF:
-        dist = dist.float()
     # One extra all-+inf "sentinel" row and column: compaction pads every sample with it.
     dist = torch.nn.functional.pad(dist, (0, 1, 0, 1), value=float("inf"))
-    if valid is not None or protected:
-        groups = token_groups(batch, num_tokens, valid, protected, dist.device)
+    if groups is not None:
         dist[:, :num_tokens, :num_tokens].masked_fill_(groups[:, :, None] != groups[:, None, :], float("inf"))
     dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
 

@@ -19,6 +19,7 @@ import argparse
 import platform
 import statistics
 import time
+from functools import partial
 from typing import Callable
 
 import fastcluster
@@ -42,12 +43,8 @@ def _condensed(metric: torch.Tensor) -> list[np.ndarray]:
     return [squareform(d, checks=False) for d in dist]
 
 
-def run_atc(metric: torch.Tensor, k: int, linkage: str) -> np.ndarray:
-    return agglomerative_clustering(metric, k, linkage, backend="native").numpy()
-
-
-def run_atc_torch(metric: torch.Tensor, k: int, linkage: str) -> np.ndarray:
-    return agglomerative_clustering(metric, k, linkage, backend="torch").numpy()
+def run_atc(metric: torch.Tensor, k: int, linkage: str, backend: str) -> np.ndarray:
+    return agglomerative_clustering(metric, k, linkage, backend=backend).numpy()
 
 
 def run_sklearn(metric: torch.Tensor, k: int, linkage: str) -> np.ndarray:
@@ -67,7 +64,8 @@ def run_fastcluster(metric: torch.Tensor, k: int, linkage: str) -> np.ndarray:
 
 
 METHODS: dict[str, Callable[[torch.Tensor, int, str], np.ndarray]] = {
-    "atc": run_atc, "atc-torch": run_atc_torch, "sklearn": run_sklearn, "scipy": run_scipy, "fastcluster": run_fastcluster,
+    "atc": partial(run_atc, backend="native"), "atc-torch": partial(run_atc, backend="torch"),
+    "sklearn": run_sklearn, "scipy": run_scipy, "fastcluster": run_fastcluster,
 }
 
 

@@ -38,7 +38,7 @@ struct Edge {
 template <typename T>
 struct Workspace {
   std::vector<T> matrix;       // [N, N] distances of a sample given as features
-  std::vector<T> transposed;   // [C, N] its features, transposed
+  std::vector<T> transposed;   // [C, N rounded up to 16] its features, transposed
   std::vector<T> zeros;        // [C] padding row
   std::vector<T> rows;         // single: [n, N] row minima of the round
   std::vector<uint32_t> pair;  // single: token pair (i * N + j) realising D[r, c]
@@ -226,20 +226,21 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
     T lowest_open = inf;
     for (const int64_t r : slots) lowest_open = std::min(lowest_open, w.nearest_dist[r]);
     if (finished(w.edges, lowest_open, num_merges, use_threshold, threshold)) break;
-    // Mutual pairs (a < b) in rank order; b's edge is recorded, a keeps the union.
+    // Mutual pairs (a < b), in rank order of a; b's edge is recorded (in rank order of b, as
+    // the torch path orders them), a keeps the union.
     int64_t p = 0;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t r = slots[i], j = w.nearest[r];
-      if (j < r && w.nearest[j] == r) {
+      if (j == r || w.nearest[j] != r) continue;
+      if (j < r) {
         // Heights made monotone: never below the merges that formed the two clusters.
         const T height = std::max(w.nearest_dist[r], std::max(w.own_height[r], w.own_height[j]));
         w.edges.push_back({w.first[r], w.first[j], static_cast<double>(height)});
-        w.pair_a[p] = j;
-        w.pair_b[p++] = r;
+      } else {
+        w.pair_a[p] = r;
+        w.pair_b[p++] = j;
       }
     }
-    std::sort(w.pair_a.begin(), w.pair_a.begin() + p);
-    for (int64_t q = 0; q < p; ++q) w.pair_b[q] = w.nearest[w.pair_a[q]];
     // Rows: row a = Lance-Williams(row a, row b) for every pair.
 #pragma omp parallel for schedule(static) num_threads(w.threads) if (w.threads > 1)
     for (int64_t q = 0; q < p; ++q) {
@@ -261,9 +262,8 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
       w.merged[a] = w.merged[b] = 1;
       w.stale[a] = 1;
     }
-    slots.erase(std::remove_if(slots.begin(), slots.end(),
-                               [&](int64_t r) { return w.merged[r] && w.nearest[r] < r &&
-                                                       w.nearest[w.nearest[r]] == r; }),
+    slots.erase(std::remove_if(slots.begin(), slots.end(),  // the absorbed b of every pair
+                               [&](int64_t r) { return w.merged[r] && w.nearest[r] < r; }),
                 slots.end());
     // Columns, row by row: D[x, a] = Lance-Williams(D[x, a], D[x, b]), D[x, b] = +inf. The
     // pairs are combined in rank order, so an entry between two pairs is combined over the
