@@ -11,7 +11,7 @@
 //      ranked by first member).
 //      - complete/average: the mutual pairs merge (RNN), Lance-Williams updates in place; the
 //        cached nearest neighbour of a row is reused unless the row merged, its neighbour merged,
-//        its minimum was tied, or a new entry ties or beats it. O(N^2) work over all rounds.
+//        its minimum was tied, or a new entry ties or beats it.
 //      - single: every cluster joins its nearest neighbour (Borůvka: spanning-tree edges, the
 //        token pair realising each edge is tracked); the matrix is compacted every round.
 //   3. cut: static: the N - K lowest merges, stable by (height, round, rank); dynamic: every merge
