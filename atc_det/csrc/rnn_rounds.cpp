@@ -13,7 +13,7 @@
 //        cached nearest neighbour of a row is reused unless the row merged, its neighbour merged,
 //        its minimum was tied, or a new entry ties or beats it.
 //      - single: every cluster joins its nearest neighbour (Borůvka: spanning-tree edges, the
-//        token pair realising each edge is tracked); the matrix is compacted every round.
+//        token pair realising each edge is tracked); entries inside a cluster become +inf.
 //   3. cut: static: the N - K lowest merges, stable by (height, round, rank); dynamic: every merge
 //      with height <= threshold. Union-find; clusters numbered by their first member.
 #include <algorithm>
@@ -40,14 +40,12 @@ struct Workspace {
   std::vector<T> matrix;       // [N, N] distances of a sample given as features
   std::vector<T> transposed;   // [C, N rounded up to 16] its features, transposed
   std::vector<T> zeros;        // [C] padding row
-  std::vector<T> rows;         // single: [n, N] row minima of the round
-  std::vector<uint32_t> pair;  // single: token pair (i * N + j) realising D[r, c]
-  std::vector<uint32_t> pair_rows;
+  std::vector<T> row_min;      // single: [N] minimum of each token's row
   std::vector<T> nearest_dist, size, own_height, weight_b;
   std::vector<int32_t> rank;
-  std::vector<int64_t> nearest, first, slots, keep, new_index, root, keeper, pair_a, pair_b;
-  std::vector<int64_t> member_start, member_fill, members;  // single: CSR of each new cluster
-  std::vector<char> mutual, edge, stale, merged;
+  std::vector<int64_t> nearest, first, slots, new_index, root, keeper, pair_a, pair_b;
+  std::vector<int64_t> cluster, member_start, member_fill, members;  // single: cluster of each token, CSR
+  std::vector<char> edge, stale, merged;
   std::vector<Edge> edges;
   std::vector<int64_t> order, parent_of, label;
   int threads = 1;  // OpenMP threads inside one sample (large N, few samples)
@@ -127,69 +125,80 @@ void cosine_distances(const T* unit, int64_t N, int64_t C, T* d, std::vector<T>&
   mirror_upper(d, N, threads);
 }
 
+// Minimum of row [width].
+template <typename T>
+inline T row_minimum(const T* row, int64_t width) {
+  T m = std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(min : m)
+  for (int64_t c = 0; c < width; ++c) m = row[c] < m ? row[c] : m;
+  return m;
+}
+
+// visit(c) for every column c of row [width] with row[c] == value, ascending.
+template <typename T, typename Visit>
+inline void for_each_equal(const T* row, int64_t width, T value, Visit visit) {
+  for (int64_t c = 0; c < width; ++c) {
+    if (row[c] == value) visit(c);
+  }
+}
+
+#if defined(__AVX512F__)
+// float32 with AVX-512: four independent minima; equal lanes found by mask.
+template <>
+inline float row_minimum<float>(const float* row, int64_t width) {
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  __m512 m0 = inf, m1 = inf, m2 = inf, m3 = inf;
+  int64_t c = 0;
+  for (; c + 64 <= width; c += 64) {
+    m0 = _mm512_min_ps(m0, _mm512_loadu_ps(row + c));
+    m1 = _mm512_min_ps(m1, _mm512_loadu_ps(row + c + 16));
+    m2 = _mm512_min_ps(m2, _mm512_loadu_ps(row + c + 32));
+    m3 = _mm512_min_ps(m3, _mm512_loadu_ps(row + c + 48));
+  }
+  for (; c + 16 <= width; c += 16) m0 = _mm512_min_ps(m0, _mm512_loadu_ps(row + c));
+  if (c < width) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (width - c)) - 1);
+    m1 = _mm512_min_ps(m1, _mm512_mask_loadu_ps(inf, tail, row + c));
+  }
+  return _mm512_reduce_min_ps(_mm512_min_ps(_mm512_min_ps(m0, m1), _mm512_min_ps(m2, m3)));
+}
+
+template <typename Visit>
+inline void for_each_equal(const float* row, int64_t width, float value, Visit visit) {
+  const __m512 target = _mm512_set1_ps(value);
+  int64_t c = 0;
+  for (; c + 16 <= width; c += 16) {
+    for (__mmask16 equal = _mm512_cmpeq_ps_mask(_mm512_loadu_ps(row + c), target); equal != 0;
+         equal &= equal - 1) {
+      visit(c + __builtin_ctz(equal));
+    }
+  }
+  for (; c < width; ++c) {
+    if (row[c] == value) visit(c);
+  }
+}
+#endif
+
 // Nearest neighbour of the cluster of rank `rank_r` from its row [width] (+inf: inactive): the
 // row minimum, ties to the smallest rank XOR rank. Returns the rank of the neighbour (rank_r for
 // an isolated cluster) and whether the minimum is unique (then ranks did not matter).
 template <typename T>
 inline bool nearest_neighbour(const T* row, int64_t width, int32_t rank_r, const int32_t* rank,
                               T& best, int32_t& nearest_rank) {
-  T m = std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(min : m)
-  for (int64_t c = 0; c < width; ++c) m = row[c] < m ? row[c] : m;
-  best = m;
-  if (std::isinf(m)) {
+  best = row_minimum(row, width);
+  if (std::isinf(best)) {
     nearest_rank = rank_r;
     return true;
   }
   int32_t best_xor = std::numeric_limits<int32_t>::max();
   int32_t ties = 0;
-#pragma omp simd reduction(min : best_xor) reduction(+ : ties)
-  for (int64_t c = 0; c < width; ++c) {
-    const bool at_min = row[c] == m;
-    const int32_t x = rank_r ^ rank[c];
-    best_xor = at_min && x < best_xor ? x : best_xor;
-    ties += at_min;
-  }
-  nearest_rank = rank_r ^ best_xor;
-  return ties == 1;
-}
-
-#if defined(__AVX512F__)
-// float32 with AVX-512: a min pass, then a compare pass whose (rare) equal lanes apply the tie
-// rule; the same result as the generic version.
-template <>
-inline bool nearest_neighbour<float>(const float* row, int64_t width, int32_t rank_r,
-                                     const int32_t* rank, float& best, int32_t& nearest_rank) {
-  __m512 lanes = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-  int64_t c = 0;
-  for (; c + 16 <= width; c += 16) lanes = _mm512_min_ps(lanes, _mm512_loadu_ps(row + c));
-  float m = _mm512_reduce_min_ps(lanes);
-  for (int64_t t = c; t < width; ++t) m = row[t] < m ? row[t] : m;
-  best = m;
-  if (std::isinf(m)) {
-    nearest_rank = rank_r;
-    return true;
-  }
-  const __m512 target = _mm512_set1_ps(m);
-  int32_t best_xor = std::numeric_limits<int32_t>::max();
-  int32_t ties = 0;
-  auto consider = [&](int64_t column) {
+  for_each_equal(row, width, best, [&](int64_t c) {
     ++ties;
-    best_xor = std::min(best_xor, rank_r ^ rank[column]);
-  };
-  for (c = 0; c + 16 <= width; c += 16) {
-    for (__mmask16 equal = _mm512_cmpeq_ps_mask(_mm512_loadu_ps(row + c), target); equal != 0;
-         equal &= equal - 1) {
-      consider(c + __builtin_ctz(equal));
-    }
-  }
-  for (; c < width; ++c) {
-    if (row[c] == m) consider(c);
-  }
+    best_xor = std::min(best_xor, rank_r ^ rank[c]);
+  });
   nearest_rank = rank_r ^ best_xor;
   return ties == 1;
 }
-#endif
 
 // Whether the rounds can stop: no later merge can be among the kept ones.
 template <typename T>
@@ -306,111 +315,86 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
   }
 }
 
-// Single linkage: Borůvka rounds on a matrix compacted every round (at most log2 N rounds).
+// Single linkage: Borůvka rounds on the token matrix, whose entries inside a cluster are set to
+// +inf as clusters form (no compaction). The distance between two clusters is their closest token
+// pair, and the pair realising an edge is the smallest i * N + j (i in the row's cluster) at that
+// distance: the same edges, in the same order, as the torch path's compacted matrix.
 template <typename T>
 void boruvka_rounds(T* d, int64_t N, int64_t num_merges, bool use_threshold, T threshold,
                     Workspace<T>& w) {
   const T inf = std::numeric_limits<T>::infinity();
-  w.pair.resize(N * N);
-  for (int64_t i = 0; i < N * N; ++i) w.pair[i] = static_cast<uint32_t>(i);
-  w.pair_rows.resize(N * N);
-  w.rows.resize(N * N);
-  std::iota(w.rank.begin(), w.rank.end(), 0);  // compacted: rank = index
+  std::iota(w.cluster.begin(), w.cluster.end(), 0);  // cluster rank = order by first member
+  std::iota(w.members.begin(), w.members.end(), 0);  // CSR: tokens of each cluster, ascending
+  std::iota(w.member_start.begin(), w.member_start.end(), 0);
   int64_t n = N;
   while (n > 1) {
+#pragma omp parallel for schedule(static) num_threads(w.threads) if (w.threads > 1)
+    for (int64_t i = 0; i < N; ++i) w.row_min[i] = row_minimum(d + i * N, N);
+    // Nearest cluster of every cluster: closest token pair, ties to the smallest rank XOR rank,
+    // then to the smallest pair index.
 #pragma omp parallel for schedule(dynamic, 16) num_threads(w.threads) if (w.threads > 1)
-    for (int64_t r = 0; r < n; ++r) {
-      int32_t nearest_rank;
-      nearest_neighbour(d + r * N, n, static_cast<int32_t>(r), w.rank.data(), w.nearest_dist[r],
-                        nearest_rank);
-      w.nearest[r] = nearest_rank;
+    for (int64_t c = 0; c < n; ++c) {
+      T best = inf;
+      for (int64_t e = w.member_start[c]; e < w.member_start[c + 1]; ++e) {
+        best = std::min(best, w.row_min[w.members[e]]);
+      }
+      w.nearest_dist[c] = best;
+      w.nearest[c] = c;
+      if (std::isinf(best)) continue;
+      int64_t best_xor = std::numeric_limits<int64_t>::max(), best_pair = 0;
+      for (int64_t e = w.member_start[c]; e < w.member_start[c + 1]; ++e) {
+        const int64_t i = w.members[e];
+        if (w.row_min[i] != best) continue;
+        for_each_equal(d + i * N, N, best, [&](int64_t j) {
+          const int64_t x = c ^ w.cluster[j], pair = i * N + j;
+          if (x < best_xor || (x == best_xor && pair < best_pair)) {
+            best_xor = x;
+            best_pair = pair;
+          }
+        });
+      }
+      w.nearest[c] = c ^ best_xor;
+      w.pair_a[c] = best_pair;
     }
     T lowest_open = inf;
-    for (int64_t r = 0; r < n; ++r) lowest_open = std::min(lowest_open, w.nearest_dist[r]);
+    for (int64_t c = 0; c < n; ++c) lowest_open = std::min(lowest_open, w.nearest_dist[c]);
     if (finished(w.edges, lowest_open, num_merges, use_threshold, threshold)) break;
-    for (int64_t r = 0; r < n; ++r) {
-      const int64_t j = w.nearest[r];
-      w.mutual[r] = j != r && w.nearest[j] == r;
-    }
-    // Borůvka: every cluster joins its nearest neighbour; a mutual pair records one edge.
-    for (int64_t r = 0; r < n; ++r) {
-      const int64_t j = w.nearest[r];
-      w.edge[r] = !std::isinf(w.nearest_dist[r]) && !(w.mutual[r] && j > r);
-      if (w.edge[r]) {
-        const uint32_t ends = w.pair[r * N + j];
-        w.edges.push_back({ends / N, ends % N, static_cast<double>(w.nearest_dist[r])});
+    // Every cluster joins its nearest neighbour; a mutual pair records one edge (the lower rank's).
+    for (int64_t c = 0; c < n; ++c) {
+      const int64_t j = w.nearest[c];
+      const bool mutual = j != c && w.nearest[j] == c;
+      w.edge[c] = !std::isinf(w.nearest_dist[c]) && !(mutual && j > c);
+      if (w.edge[c]) {
+        w.edges.push_back({w.pair_a[c] / N, w.pair_a[c] % N, static_cast<double>(w.nearest_dist[c])});
       }
     }
-    // Trees of the edges (a forest under the tie rule), each kept at its lowest rank.
-    for (int64_t r = 0; r < n; ++r) {
-      int64_t x = r;
+    // Trees of the edges (a forest under the tie rule), numbered by their lowest rank.
+    for (int64_t c = 0; c < n; ++c) {
+      int64_t x = c;
       while (w.edge[x]) x = w.nearest[x];
-      w.root[r] = x;
-      w.keeper[r] = -1;
+      w.root[c] = x;
+      w.keeper[c] = -1;
     }
     int64_t m = 0;
-    for (int64_t r = 0; r < n; ++r) {
-      int64_t& k = w.keeper[w.root[r]];
-      if (k < 0) {
-        k = r;
-        w.keep[m] = r;
-        w.new_index[r] = m++;
-      }
+    for (int64_t c = 0; c < n; ++c) {
+      int64_t& k = w.keeper[w.root[c]];
+      if (k < 0) k = m++;
+      w.new_index[c] = k;
     }
-    for (int64_t r = 0; r < n; ++r) w.new_index[r] = w.new_index[w.keeper[w.root[r]]];
-    // Row minima (lexicographic on (distance, token pair)), then column minima; rows split
-    // over threads by column ranges, columns by rows.
-    T* rows = w.rows.data();
-    uint32_t* prow = w.pair_rows.data();
-    const uint32_t no_pair = std::numeric_limits<uint32_t>::max();
-    constexpr int64_t kChunk = 256;
-#pragma omp parallel for schedule(static) num_threads(w.threads) if (w.threads > 1)
-    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-      const int64_t c1 = std::min(n, c0 + kChunk);
-      for (int64_t a = 0; a < m; ++a) {
-        std::fill(rows + a * N + c0, rows + a * N + c1, inf);
-        std::fill(prow + a * N + c0, prow + a * N + c1, no_pair);
-      }
-      for (int64_t r = 0; r < n; ++r) {
-        T* out = rows + w.new_index[r] * N;
-        uint32_t* pout = prow + w.new_index[r] * N;
-        const T* in = d + r * N;
-        const uint32_t* pin = w.pair.data() + r * N;
-#pragma omp simd
-        for (int64_t c = c0; c < c1; ++c) {
-          const bool take = in[c] < out[c] || (in[c] == out[c] && pin[c] < pout[c]);
-          out[c] = take ? in[c] : out[c];
-          pout[c] = take ? pin[c] : pout[c];
-        }
-      }
-    }
-    // Members of each new cluster (CSR over old indices, ascending).
+    for (int64_t i = 0; i < N; ++i) w.cluster[i] = w.new_index[w.cluster[i]];
     std::fill(w.member_start.begin(), w.member_start.begin() + m + 1, 0);
-    for (int64_t c = 0; c < n; ++c) ++w.member_start[w.new_index[c] + 1];
+    for (int64_t i = 0; i < N; ++i) ++w.member_start[w.cluster[i] + 1];
     for (int64_t a = 0; a < m; ++a) w.member_start[a + 1] += w.member_start[a];
     std::copy(w.member_start.begin(), w.member_start.begin() + m, w.member_fill.begin());
-    for (int64_t c = 0; c < n; ++c) w.members[w.member_fill[w.new_index[c]]++] = c;
-#pragma omp parallel for schedule(static) num_threads(w.threads) if (w.threads > 1)
+    for (int64_t i = 0; i < N; ++i) w.members[w.member_fill[w.cluster[i]]++] = i;
+    // Entries inside the new clusters never count again.
+#pragma omp parallel for schedule(dynamic, 16) num_threads(w.threads) if (w.threads > 1)
     for (int64_t a = 0; a < m; ++a) {
-      T* out = d + a * N;
-      uint32_t* pout = w.pair.data() + a * N;
-      const T* in = rows + a * N;
-      const uint32_t* pin = prow + a * N;
-      for (int64_t b = 0; b < m; ++b) {
-        T best = inf;
-        uint32_t best_pair = no_pair;
-        for (int64_t e = w.member_start[b]; e < w.member_start[b + 1]; ++e) {
-          const int64_t c = w.members[e];
-          const bool take = in[c] < best || (in[c] == best && pin[c] < best_pair);
-          best = take ? in[c] : best;
-          best_pair = take ? pin[c] : best_pair;
-        }
-        out[b] = best;
-        pout[b] = best_pair;
+      for (int64_t e = w.member_start[a]; e < w.member_start[a + 1]; ++e) {
+        T* row = d + w.members[e] * N;
+        for (int64_t f = w.member_start[a]; f < w.member_start[a + 1]; ++f) row[w.members[f]] = inf;
       }
-      out[a] = inf;
     }
-    for (int64_t a = 0; a < m; ++a) w.first[a] = w.first[w.keep[a]];
     n = m;
   }
 }
@@ -427,14 +411,14 @@ void cluster_sample(T* d, int64_t N, const int64_t* groups, int linkage, int64_t
   w.nearest.resize(N);
   w.first.resize(N);
   std::iota(w.first.begin(), w.first.end(), 0);
-  for (std::vector<int64_t>* v : {&w.keep, &w.new_index, &w.root, &w.keeper, &w.pair_a, &w.pair_b,
-                                   &w.member_fill, &w.members}) {
+  w.row_min.resize(N);
+  for (std::vector<int64_t>* v : {&w.new_index, &w.root, &w.keeper, &w.pair_a, &w.pair_b,
+                                   &w.cluster, &w.member_fill, &w.members}) {
     v->resize(N);
   }
   w.member_start.resize(N + 1);
   w.stale.assign(N, 1);
   w.merged.assign(N, 0);
-  w.mutual.resize(N);
   w.edge.resize(N);
   w.edges.clear();
   if (linkage == kSingle) {
