@@ -75,14 +75,20 @@ def cosine_distances(metric: Tensor) -> Tensor:
     return dist
 
 
+def _check_finite(values: Tensor, name: str) -> None:
+    if values.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(values))).all()):
+        raise ValueError(f"{name} contains NaN or Inf values; clean the features first")
+
+
 def check_tokens(metric: Tensor, num_clusters: int | None, valid: Tensor | None, protected: int,
-                 name: str = "metric") -> None:
-    """Raise one clear error for a bad [B, N, C] ``metric``, ``valid`` mask, ``protected`` or K."""
+                 name: str = "metric", check_finite: bool = True) -> None:
+    """Raise one clear error for a bad [B, N, C] ``metric``, ``valid`` mask, ``protected`` or K
+    (``check_finite=False``: the caller checks for NaN / Inf itself)."""
     if not isinstance(metric, Tensor) or metric.dim() != 3 or not metric.is_floating_point():
         raise TypeError(f"{name} must be a floating-point [B, N, C] tensor, got "
                         f"{type(metric).__name__} {getattr(metric, 'shape', '')}")
-    if metric.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(metric))).all()):
-        raise ValueError(f"{name} contains NaN or Inf values; clean the features first")
+    if check_finite:
+        _check_finite(metric, name)
     batch, num_tokens = metric.shape[:2]
     if num_tokens < 1:
         raise ValueError(f"{name} must hold at least one token per sample, got N = 0")
@@ -348,18 +354,21 @@ def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | N
         upper = torch.triu(distances, diagonal=1)
         dist = upper + upper.mT
         dist = dist.float() if dist.dtype in _HALF else dist
+        use_native = _use_native(backend, distances)
     else:
-        check_tokens(metric, num_clusters, valid, protected)
+        check_tokens(metric, num_clusters, valid, protected, check_finite=False)
+        use_native = _use_native(backend, metric)
+        if not use_native:  # the kernel normalises the features and checks them itself
+            _check_finite(metric, "metric")
         metric = metric.float() if metric.dtype in _HALF else metric
     features = distances if metric is None else metric
     batch, num_tokens = features.shape[:2]
     num_merges = None if num_clusters is None else num_tokens - num_clusters
     groups = token_groups(batch, num_tokens, valid, protected, features.device) \
         if valid is not None or protected else None
-    if _use_native(backend, features):
+    if use_native:
         if metric is not None:  # the kernel computes the cosine distances
-            unit = torch.nn.functional.normalize(metric, dim=-1)
-            return native.cluster(linkage, num_merges, threshold, groups, unit=unit)
+            return native.cluster(linkage, num_merges, threshold, groups, features=metric)
         return native.cluster(linkage, num_merges, threshold, groups, distances=dist)
     if metric is not None:
         dist = cosine_distances(metric)

@@ -23,7 +23,8 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "rnn_rounds.cpp"
 LINKAGE_CODES = {"single": 0, "complete": 1, "average": 2}
-MAX_TOKENS = 65535  # token pairs are uint32 ids
+MAX_TOKENS = 65535  # largest N the kernel accepts (it holds a dense [N, N] matrix per sample)
+NON_FINITE = 2  # kernel status: a feature is NaN or Inf
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"] + (
     ["-mprefer-vector-width=512"] if platform.machine() == "x86_64" else [])
 _library: ctypes.CDLL | None = None
@@ -113,16 +114,17 @@ def unavailable_reason() -> str | None:
 
 
 def cluster(linkage: str, num_merges: int | None, threshold: float | None, groups: Tensor | None, *,
-            distances: Tensor | None = None, unit: Tensor | None = None) -> Tensor:
+            distances: Tensor | None = None, features: Tensor | None = None) -> Tensor:
     """Labels [B, N] int64 (first-member order), from exactly one of:
 
-    ``distances`` [B, N, N]: symmetric distances (overwritten), or ``unit`` [B, N, C]: unit-norm
-    features, compared by cosine distance ``max(1 - <u_i, u_j>, 0)`` inside the kernel. Both
-    contiguous CPU float32/float64. ``groups`` [B, N] int64: tokens of different groups never
-    merge. Exactly one of ``num_merges`` (static: the N - K lowest merges) and ``threshold``.
+    ``distances`` [B, N, N]: symmetric distances (overwritten), or ``features`` [B, N, C]: token
+    features, normalised (as ``torch.nn.functional.normalize``) and compared by cosine distance
+    ``max(1 - <u_i, u_j>, 0)`` inside the kernel, which also checks that they are finite. Both
+    CPU float32/float64. ``groups`` [B, N] int64: tokens of different groups never merge. Exactly
+    one of ``num_merges`` (static: the N - K lowest merges) and ``threshold``.
     """
     library = cluster_library()
-    data = unit if distances is None else distances
+    data = features if distances is None else distances
     if data.dtype not in (torch.float32, torch.float64) or data.device.type != "cpu":
         raise TypeError(f"native clustering needs CPU float32/float64 tensors, got {data.dtype} on "
                         f"{data.device}")
@@ -138,12 +140,14 @@ def cluster(linkage: str, num_merges: int | None, threshold: float | None, group
         groups = groups.to(torch.long).contiguous()
     function = library.atc_cluster_f32 if data.dtype == torch.float32 else library.atc_cluster_f64
     status = function(data.data_ptr() if distances is not None else None,
-                      data.data_ptr() if unit is not None else None, batch, num_tokens,
-                      data.shape[2] if unit is not None else 0,
+                      data.data_ptr() if features is not None else None, batch, num_tokens,
+                      data.shape[2] if features is not None else 0,
                       None if groups is None else groups.data_ptr(), LINKAGE_CODES[linkage],
                       -1 if num_merges is None else num_merges, int(threshold is not None),
                       0.0 if threshold is None else float(threshold), labels.data_ptr(),
                       torch.get_num_threads())
+    if status == NON_FINITE:
+        raise ValueError("metric contains NaN or Inf values; clean the features first")
     if status != 0:
         raise RuntimeError(f"native clustering failed with status {status}")
     return labels

@@ -184,6 +184,16 @@ def test_bad_input_raises_one_clear_error(kwargs, error, match):
         agglomerative_clustering(**kwargs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_feature_anywhere_raises(backend, bad):
+    """The native kernel checks finiteness while it normalises; one bad value in one sample fails."""
+    x = torch.randn(6, 30, 8, dtype=torch.float64)
+    x[4, 17, 5] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        agglomerative_clustering(x, 10, "average", backend=backend)
+
+
 @pytest.mark.parametrize("method", LINKAGES)
 def test_native_kernel_equals_torch_path_with_ties(method):
     """Same rounds, tie rules and cut: identical labels on the same distances, also tie-heavy ones

@@ -4,8 +4,8 @@
 // rows for one large sample), sharing torch's libgomp thread pool once torch is loaded.
 //
 // Per sample (N tokens):
-//   1. distances [N, N]: given (symmetric), or cosine distances max(1 - <u_i, u_j>, 0) of unit
-//      features computed here (upper triangle, mirrored); +inf on the diagonal and between
+//   1. distances [N, N]: given (symmetric), or cosine distances max(1 - <u_i, u_j>, 0) of the
+//      features, normalised here (upper triangle, mirrored); +inf on the diagonal and between
 //      tokens of different groups.
 //   2. rounds: every cluster finds its nearest neighbour (ties: smallest rank XOR rank, clusters
 //      ranked by first member).
@@ -38,8 +38,8 @@ struct Edge {
 template <typename T>
 struct Workspace {
   std::vector<T> matrix;       // [N, N] distances of a sample given as features
-  std::vector<T> transposed;   // [C, N rounded up to 16] its features, transposed
-  std::vector<T> zeros;        // [C] padding row
+  std::vector<T> unit;         // [N + 1, C] its unit features (a zero row past N)
+  std::vector<T> transposed;   // [C, N rounded up to 16] the same, transposed
   std::vector<T> row_min;      // single: [N] minimum of each token's row
   std::vector<T> nearest_dist, size, own_height, weight_b;
   std::vector<int32_t> rank;
@@ -80,26 +80,53 @@ void mask_distances(T* d, int64_t N, const int64_t* groups) {
   }
 }
 
-// Cosine distances max(1 - <u_i, u_j>, 0) of unit rows u [N, C] into d [N, N], computed once
-// per pair (upper triangle: 8 rows x 16 columns at a time over u^T) and mirrored, so exactly
-// symmetric.
+// Unit rows features / max(|features|, 1e-12) (as torch's normalize) of features [N, C] into
+// unit [N, C] and its transpose [C, padded] (zero columns past N). False if a value is NaN or Inf.
 template <typename T>
-void cosine_distances(const T* unit, int64_t N, int64_t C, T* d, std::vector<T>& transposed,
-                      std::vector<T>& zeros, int threads) {
+bool unit_rows(const T* features, int64_t N, int64_t C, int64_t padded, T* unit, T* transposed) {
+  bool finite = true;
+  for (int64_t i = 0; i < N; ++i) {
+    const T* x = features + i * C;
+    T squares = 0;
+    int bad = 0;
+#pragma omp simd reduction(+ : squares) reduction(| : bad)
+    for (int64_t k = 0; k < C; ++k) {
+      squares += x[k] * x[k];
+      bad |= !(x[k] * T(0) == T(0));  // NaN or Inf
+    }
+    finite = finite && bad == 0;
+    const T norm = std::max(std::sqrt(squares), T(1e-12));
+#pragma omp simd
+    for (int64_t k = 0; k < C; ++k) unit[i * C + k] = x[k] / norm;
+  }
+  for (int64_t k = 0; k < C; ++k) {
+    T* column = transposed + k * padded;
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) column[i] = unit[i * C + k];
+    std::fill(column + N, column + padded, T(0));
+  }
+  return finite;
+}
+
+// Cosine distances max(1 - <u_i, u_j>, 0) of the rows of features [N, C] into d [N, N], computed
+// once per pair (upper triangle: 8 rows x 16 columns at a time over u^T) and mirrored, so exactly
+// symmetric. False (d undefined) if a feature is NaN or Inf.
+template <typename T>
+bool cosine_distances(const T* features, int64_t N, int64_t C, T* d, Workspace<T>& w) {
   constexpr int64_t kCols = 16, kRows = 8;
   typedef T Vec __attribute__((vector_size(kCols * sizeof(T))));
   const int64_t padded = (N + kCols - 1) / kCols * kCols;
-  transposed.assign(C * padded, T(0));
-  for (int64_t i = 0; i < N; ++i) {
-    for (int64_t k = 0; k < C; ++k) transposed[k * padded + i] = unit[i * C + k];
-  }
-  zeros.assign(C, T(0));
-  const T* ut = transposed.data();
+  w.unit.resize((N + 1) * C);  // a zero row past N pads the last block
+  w.transposed.resize(C * padded);
+  T* unit = w.unit.data();
+  if (!unit_rows(features, N, C, padded, unit, w.transposed.data())) return false;
+  std::fill(unit + N * C, unit + (N + 1) * C, T(0));
+  const T* ut = w.transposed.data();
   const Vec zero = {};
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(dynamic, 4) num_threads(w.threads) if (w.threads > 1)
   for (int64_t i0 = 0; i0 < N; i0 += kRows) {
-    const T* u[kRows];  // the block's rows (a zero row past N)
-    for (int64_t r = 0; r < kRows; ++r) u[r] = i0 + r < N ? unit + (i0 + r) * C : zeros.data();
+    const T* u[kRows];  // the block's rows (the zero row past N)
+    for (int64_t r = 0; r < kRows; ++r) u[r] = unit + std::min(i0 + r, N) * C;
     for (int64_t jb = (i0 + 1) / kCols * kCols; jb < N; jb += kCols) {
       Vec acc[kRows] = {};
       for (int64_t k = 0; k < C; ++k) {
@@ -122,7 +149,8 @@ void cosine_distances(const T* unit, int64_t N, int64_t C, T* d, std::vector<T>&
       }
     }
   }
-  mirror_upper(d, N, threads);
+  mirror_upper(d, N, w.threads);
+  return true;
 }
 
 // Minimum of row [width].
@@ -464,15 +492,18 @@ void cluster_sample(T* d, int64_t N, const int64_t* groups, int linkage, int64_t
   }
 }
 
-// Either `distances` [B, N, N] (symmetric; overwritten) or `unit` [B, N, C] (unit-norm features:
-// cosine distances are computed per sample into the workspace) is given, the other is null.
+// Either `distances` [B, N, N] (symmetric; overwritten) or `features` [B, N, C] (cosine distances
+// are computed per sample into the workspace) is given, the other is null. Returns 0, 1 for bad
+// arguments, or 2 if a feature is NaN or Inf.
 template <typename T>
-int cluster_batch(T* distances, const T* unit, int64_t B, int64_t N, int64_t C, const int64_t* groups,
+int cluster_batch(T* distances, const T* features, int64_t B, int64_t N, int64_t C, const int64_t* groups,
                   int linkage, int64_t num_merges, int use_threshold, double threshold,
                   int64_t* labels, int num_threads) {
-  if (N < 1 || N > 65535 || linkage < 0 || linkage > 2 || (distances == nullptr) == (unit == nullptr)) {
+  if (N < 1 || N > 65535 || linkage < 0 || linkage > 2 ||
+      (distances == nullptr) == (features == nullptr)) {
     return 1;
   }
+  int status = 0;
   // Samples in parallel; a large sample alone (a global block) is split over rows instead.
   const int threads = std::max(1, num_threads);
   const bool split_rows = N >= 512 && B < threads;
@@ -484,33 +515,37 @@ int cluster_batch(T* distances, const T* unit, int64_t B, int64_t N, int64_t C, 
 #pragma omp for schedule(dynamic)
     for (int64_t b = 0; b < B; ++b) {
       T* d = distances + b * N * N;
-      if (unit != nullptr) {
+      if (features != nullptr) {
         w.matrix.resize(N * N);
         d = w.matrix.data();
-        cosine_distances(unit + b * N * C, N, C, d, w.transposed, w.zeros, w.threads);
+        if (!cosine_distances(features + b * N * C, N, C, d, w)) {
+#pragma omp atomic write
+          status = 2;
+          continue;
+        }
       }
       cluster_sample<T>(d, N, groups == nullptr ? nullptr : groups + b * N, linkage, num_merges,
                         use_threshold != 0, static_cast<T>(threshold), labels + b * N, w);
     }
   }
-  return 0;
+  return status;
 }
 
 }  // namespace
 
 extern "C" {
 
-int atc_cluster_f32(float* distances, const float* unit, int64_t B, int64_t N, int64_t C,
+int atc_cluster_f32(float* distances, const float* features, int64_t B, int64_t N, int64_t C,
                     const int64_t* groups, int linkage, int64_t num_merges, int use_threshold,
                     double threshold, int64_t* labels, int num_threads) {
-  return cluster_batch<float>(distances, unit, B, N, C, groups, linkage, num_merges, use_threshold,
+  return cluster_batch<float>(distances, features, B, N, C, groups, linkage, num_merges, use_threshold,
                               threshold, labels, num_threads);
 }
 
-int atc_cluster_f64(double* distances, const double* unit, int64_t B, int64_t N, int64_t C,
+int atc_cluster_f64(double* distances, const double* features, int64_t B, int64_t N, int64_t C,
                     const int64_t* groups, int linkage, int64_t num_merges, int use_threshold,
                     double threshold, int64_t* labels, int num_threads) {
-  return cluster_batch<double>(distances, unit, B, N, C, groups, linkage, num_merges, use_threshold,
+  return cluster_batch<double>(distances, features, B, N, C, groups, linkage, num_merges, use_threshold,
                                threshold, labels, num_threads);
 }
 
