@@ -207,13 +207,10 @@ inline void for_each_equal(const float* row, int64_t width, float value, Visit v
 }
 #endif
 
-// Nearest neighbour of the cluster of rank `rank_r` from its row [width] (+inf: inactive): the
-// row minimum, ties to the smallest rank XOR rank. Returns the rank of the neighbour (rank_r for
-// an isolated cluster) and whether the minimum is unique (then ranks did not matter).
+// The tie rule of nearest_neighbour, given the minimum `best` of the row.
 template <typename T>
-inline bool nearest_neighbour(const T* row, int64_t width, int32_t rank_r, const int32_t* rank,
-                              T& best, int32_t& nearest_rank) {
-  best = row_minimum(row, width);
+inline bool nearest_neighbour_ties(const T* row, int64_t width, int32_t rank_r, const int32_t* rank,
+                                   T best, int32_t& nearest_rank) {
   if (std::isinf(best)) {
     nearest_rank = rank_r;
     return true;
@@ -227,6 +224,49 @@ inline bool nearest_neighbour(const T* row, int64_t width, int32_t rank_r, const
   nearest_rank = rank_r ^ best_xor;
   return ties == 1;
 }
+
+// Nearest neighbour of the cluster of rank `rank_r` from its row [width] (+inf: inactive): the
+// row minimum, ties to the smallest rank XOR rank. Returns the rank of the neighbour (rank_r for
+// an isolated cluster) and whether the minimum is unique (then ranks did not matter).
+template <typename T>
+inline bool nearest_neighbour(const T* row, int64_t width, int32_t rank_r, const int32_t* rank,
+                              T& best, int32_t& nearest_rank) {
+  best = row_minimum(row, width);
+  return nearest_neighbour_ties(row, width, rank_r, rank, best, nearest_rank);
+}
+
+#if defined(__AVX512F__)
+// float32 with AVX-512: one pass keeping, per lane, the minimum, its first column and whether it
+// repeats; the tie rule above runs only if the row minimum is not unique.
+template <>
+inline bool nearest_neighbour<float>(const float* row, int64_t width, int32_t rank_r,
+                                     const int32_t* rank, float& best, int32_t& nearest_rank) {
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512 lane_min = inf;
+  __m512i lane_column = _mm512_setzero_si512();
+  __m512i column = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __mmask16 repeated = 0;
+  for (int64_t c = 0; c < width; c += 16) {
+    const __mmask16 inside = width - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (width - c)) - 1);
+    const __m512 v = _mm512_mask_loadu_ps(inf, inside, row + c);
+    const __mmask16 below = _mm512_cmp_ps_mask(v, lane_min, _CMP_LT_OQ);
+    repeated = (repeated & ~below) | _mm512_cmp_ps_mask(v, lane_min, _CMP_EQ_OQ);
+    lane_min = _mm512_min_ps(v, lane_min);
+    lane_column = _mm512_mask_mov_epi32(lane_column, below, column);
+    column = _mm512_add_epi32(column, step);
+  }
+  best = _mm512_reduce_min_ps(lane_min);
+  const __mmask16 at = _mm512_cmp_ps_mask(lane_min, _mm512_set1_ps(best), _CMP_EQ_OQ);
+  if (std::isinf(best) || (at & (at - 1)) != 0 || (at & repeated) != 0) {  // isolated or tied
+    return nearest_neighbour_ties(row, width, rank_r, rank, best, nearest_rank);
+  }
+  alignas(64) int32_t columns[16];
+  _mm512_store_si512(columns, lane_column);
+  nearest_rank = rank[columns[__builtin_ctz(at)]];
+  return true;
+}
+#endif
 
 // Whether the rounds can stop: no later merge can be among the kept ones.
 template <typename T>
@@ -455,7 +495,8 @@ void cluster_sample(T* d, int64_t N, const int64_t* groups, int linkage, int64_t
     rnn_pair_rounds(d, N, linkage, num_merges, use_threshold, threshold, w);
   }
 
-  // The cut: stable by height (edges are in (round, rank) order), then union-find.
+  // The cut: the lowest edges by (height, position) (edges are in (round, rank) order), in any
+  // order, then union-find.
   const int64_t E = static_cast<int64_t>(w.edges.size());
   w.order.resize(E);
   std::iota(w.order.begin(), w.order.end(), 0);
@@ -465,9 +506,10 @@ void cluster_sample(T* d, int64_t N, const int64_t* groups, int linkage, int64_t
       if (static_cast<T>(w.edges[e].height) <= threshold) w.order[taken++] = e;
     }
   } else {
-    std::stable_sort(w.order.begin(), w.order.end(),
-                     [&](int64_t a, int64_t b) { return w.edges[a].height < w.edges[b].height; });
     taken = std::min(num_merges, E);
+    std::nth_element(w.order.begin(), w.order.begin() + taken, w.order.end(), [&](int64_t a, int64_t b) {
+      return w.edges[a].height < w.edges[b].height || (w.edges[a].height == w.edges[b].height && a < b);
+    });
   }
   w.parent_of.resize(N);
   std::iota(w.parent_of.begin(), w.parent_of.end(), 0);
