@@ -40,11 +40,14 @@ struct Workspace {
   std::vector<T> matrix;       // [N, N] distances of a sample given as features
   std::vector<T> unit;         // [N + 1, C] its unit features (a zero row past N)
   std::vector<T> transposed;   // [C, N rounded up to 16] the same, transposed
-  std::vector<T> row_min;      // single: [N] minimum of each token's row
+  std::vector<T> row_min;      // single: [N] each token's row minimum over the other clusters,
+  std::vector<int64_t> row_column;  // a column attaining it (-1: none),
+  std::vector<char> row_unique;     // and whether only that column does
+  std::vector<int32_t> cluster;     // single: cluster of each token
   std::vector<T> nearest_dist, size, own_height, weight_b;
   std::vector<int32_t> rank;
   std::vector<int64_t> nearest, first, slots, new_index, root, keeper, pair_a, pair_b;
-  std::vector<int64_t> cluster, member_start, member_fill, members;  // single: cluster of each token, CSR
+  std::vector<int64_t> member_start, member_fill, members;  // single: tokens of each cluster (CSR)
   std::vector<char> edge, stale, merged;
   std::vector<Edge> edges;
   std::vector<int64_t> order, parent_of, label;
@@ -171,26 +174,7 @@ inline void for_each_equal(const T* row, int64_t width, T value, Visit visit) {
 }
 
 #if defined(__AVX512F__)
-// float32 with AVX-512: four independent minima; equal lanes found by mask.
-template <>
-inline float row_minimum<float>(const float* row, int64_t width) {
-  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-  __m512 m0 = inf, m1 = inf, m2 = inf, m3 = inf;
-  int64_t c = 0;
-  for (; c + 64 <= width; c += 64) {
-    m0 = _mm512_min_ps(m0, _mm512_loadu_ps(row + c));
-    m1 = _mm512_min_ps(m1, _mm512_loadu_ps(row + c + 16));
-    m2 = _mm512_min_ps(m2, _mm512_loadu_ps(row + c + 32));
-    m3 = _mm512_min_ps(m3, _mm512_loadu_ps(row + c + 48));
-  }
-  for (; c + 16 <= width; c += 16) m0 = _mm512_min_ps(m0, _mm512_loadu_ps(row + c));
-  if (c < width) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (width - c)) - 1);
-    m1 = _mm512_min_ps(m1, _mm512_mask_loadu_ps(inf, tail, row + c));
-  }
-  return _mm512_reduce_min_ps(_mm512_min_ps(_mm512_min_ps(m0, m1), _mm512_min_ps(m2, m3)));
-}
-
+// float32 with AVX-512: equal lanes found by mask.
 template <typename Visit>
 inline void for_each_equal(const float* row, int64_t width, float value, Visit visit) {
   const __m512 target = _mm512_set1_ps(value);
@@ -265,6 +249,65 @@ inline bool nearest_neighbour<float>(const float* row, int64_t width, int32_t ra
   _mm512_store_si512(columns, lane_column);
   nearest_rank = rank[columns[__builtin_ctz(at)]];
   return true;
+}
+#endif
+
+// Minimum of row [width] over the columns of other clusters (cluster [width], own: the row's),
+// a column attaining it (-1 if none: +inf) and whether it is attained only there.
+template <typename T>
+inline T row_minimum_outside(const T* row, const int32_t* cluster, int32_t own, int64_t width,
+                             int64_t& column, bool& unique) {
+  T best = std::numeric_limits<T>::infinity();
+  int64_t count = 0;
+  column = -1;
+  for (int64_t c = 0; c < width; ++c) {
+    if (cluster[c] == own) continue;
+    if (row[c] < best) {
+      best = row[c];
+      column = c;
+      count = 1;
+    } else {
+      count += row[c] == best;
+    }
+  }
+  unique = count == 1;
+  return best;
+}
+
+#if defined(__AVX512F__)
+// float32 with AVX-512: per-lane minimum, first column and repetition in one pass.
+template <>
+inline float row_minimum_outside<float>(const float* row, const int32_t* cluster, int32_t own,
+                                        int64_t width, int64_t& column, bool& unique) {
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  const __m512i step = _mm512_set1_epi32(16), own_lanes = _mm512_set1_epi32(own);
+  __m512 lane_min = inf;
+  __m512i lane_column = _mm512_setzero_si512();
+  __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __mmask16 repeated = 0;
+  for (int64_t c = 0; c < width; c += 16) {
+    const __mmask16 inside = width - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (width - c)) - 1);
+    const __mmask16 outside = _mm512_mask_cmpneq_epi32_mask(
+        inside, _mm512_maskz_loadu_epi32(inside, cluster + c), own_lanes);
+    const __m512 v = _mm512_mask_loadu_ps(inf, outside, row + c);
+    const __mmask16 below = _mm512_cmp_ps_mask(v, lane_min, _CMP_LT_OQ);
+    repeated = (repeated & ~below) | _mm512_cmp_ps_mask(v, lane_min, _CMP_EQ_OQ);
+    lane_min = _mm512_min_ps(v, lane_min);
+    lane_column = _mm512_mask_mov_epi32(lane_column, below, lane);
+    lane = _mm512_add_epi32(lane, step);
+  }
+  const float best = _mm512_reduce_min_ps(lane_min);
+  const __mmask16 at = _mm512_cmp_ps_mask(lane_min, _mm512_set1_ps(best), _CMP_EQ_OQ);
+  if (std::isinf(best)) {
+    column = -1;
+    unique = false;
+    return best;
+  }
+  alignas(64) int32_t columns[16];
+  _mm512_store_si512(columns, lane_column);
+  column = columns[__builtin_ctz(at)];
+  unique = (at & (at - 1)) == 0 && (at & repeated) == 0;
+  return best;
 }
 #endif
 
@@ -383,38 +426,63 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
   }
 }
 
-// Single linkage: Borůvka rounds on the token matrix, whose entries inside a cluster are set to
-// +inf as clusters form (no compaction). The distance between two clusters is their closest token
-// pair, and the pair realising an edge is the smallest i * N + j (i in the row's cluster) at that
-// distance: the same edges, in the same order, as the torch path's compacted matrix.
+// Single linkage: Borůvka rounds on the token matrix. The distance between two clusters is their
+// closest token pair, and the pair realising an edge is the smallest i * N + j (i in the row's
+// cluster) at that distance: the same edges, in the same order, as the torch path's compacted
+// matrix. A token's row minimum over the other clusters is rescanned only when the column that
+// attained it joined the token's cluster (or it was attained more than once).
 template <typename T>
-void boruvka_rounds(T* d, int64_t N, int64_t num_merges, bool use_threshold, T threshold,
+void boruvka_rounds(const T* d, int64_t N, int64_t num_merges, bool use_threshold, T threshold,
                     Workspace<T>& w) {
   const T inf = std::numeric_limits<T>::infinity();
+  int32_t* cluster = w.cluster.data();
   std::iota(w.cluster.begin(), w.cluster.end(), 0);  // cluster rank = order by first member
   std::iota(w.members.begin(), w.members.end(), 0);  // CSR: tokens of each cluster, ascending
   std::iota(w.member_start.begin(), w.member_start.end(), 0);
+  std::fill(w.row_column.begin(), w.row_column.end(), 0);
+  std::fill(w.row_unique.begin(), w.row_unique.end(), 0);
   int64_t n = N;
   while (n > 1) {
 #pragma omp parallel for schedule(static) num_threads(w.threads) if (w.threads > 1)
-    for (int64_t i = 0; i < N; ++i) w.row_min[i] = row_minimum(d + i * N, N);
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t j = w.row_column[i];
+      if (j >= 0 && (!w.row_unique[i] || cluster[j] == cluster[i])) {
+        bool unique;
+        w.row_min[i] = row_minimum_outside(d + i * N, cluster, cluster[i], N, w.row_column[i], unique);
+        w.row_unique[i] = unique;
+      }
+    }
     // Nearest cluster of every cluster: closest token pair, ties to the smallest rank XOR rank,
     // then to the smallest pair index.
 #pragma omp parallel for schedule(dynamic, 16) num_threads(w.threads) if (w.threads > 1)
     for (int64_t c = 0; c < n; ++c) {
       T best = inf;
+      int64_t rows_at_best = 0, row = -1;
       for (int64_t e = w.member_start[c]; e < w.member_start[c + 1]; ++e) {
-        best = std::min(best, w.row_min[w.members[e]]);
+        const int64_t i = w.members[e];
+        if (w.row_min[i] < best) {
+          best = w.row_min[i];
+          rows_at_best = 1;
+          row = i;
+        } else {
+          rows_at_best += w.row_min[i] == best;
+        }
       }
       w.nearest_dist[c] = best;
       w.nearest[c] = c;
       if (std::isinf(best)) continue;
+      if (rows_at_best == 1 && w.row_unique[row]) {  // one token pair at that distance
+        w.nearest[c] = cluster[w.row_column[row]];
+        w.pair_a[c] = row * N + w.row_column[row];
+        continue;
+      }
       int64_t best_xor = std::numeric_limits<int64_t>::max(), best_pair = 0;
       for (int64_t e = w.member_start[c]; e < w.member_start[c + 1]; ++e) {
         const int64_t i = w.members[e];
         if (w.row_min[i] != best) continue;
         for_each_equal(d + i * N, N, best, [&](int64_t j) {
-          const int64_t x = c ^ w.cluster[j], pair = i * N + j;
+          if (cluster[j] == c) return;
+          const int64_t x = c ^ cluster[j], pair = i * N + j;
           if (x < best_xor || (x == best_xor && pair < best_pair)) {
             best_xor = x;
             best_pair = pair;
@@ -449,20 +517,12 @@ void boruvka_rounds(T* d, int64_t N, int64_t num_merges, bool use_threshold, T t
       if (k < 0) k = m++;
       w.new_index[c] = k;
     }
-    for (int64_t i = 0; i < N; ++i) w.cluster[i] = w.new_index[w.cluster[i]];
+    for (int64_t i = 0; i < N; ++i) cluster[i] = static_cast<int32_t>(w.new_index[cluster[i]]);
     std::fill(w.member_start.begin(), w.member_start.begin() + m + 1, 0);
-    for (int64_t i = 0; i < N; ++i) ++w.member_start[w.cluster[i] + 1];
+    for (int64_t i = 0; i < N; ++i) ++w.member_start[cluster[i] + 1];
     for (int64_t a = 0; a < m; ++a) w.member_start[a + 1] += w.member_start[a];
     std::copy(w.member_start.begin(), w.member_start.begin() + m, w.member_fill.begin());
-    for (int64_t i = 0; i < N; ++i) w.members[w.member_fill[w.cluster[i]]++] = i;
-    // Entries inside the new clusters never count again.
-#pragma omp parallel for schedule(dynamic, 16) num_threads(w.threads) if (w.threads > 1)
-    for (int64_t a = 0; a < m; ++a) {
-      for (int64_t e = w.member_start[a]; e < w.member_start[a + 1]; ++e) {
-        T* row = d + w.members[e] * N;
-        for (int64_t f = w.member_start[a]; f < w.member_start[a + 1]; ++f) row[w.members[f]] = inf;
-      }
-    }
+    for (int64_t i = 0; i < N; ++i) w.members[w.member_fill[cluster[i]]++] = i;
     n = m;
   }
 }
@@ -480,8 +540,11 @@ void cluster_sample(T* d, int64_t N, const int64_t* groups, int linkage, int64_t
   w.first.resize(N);
   std::iota(w.first.begin(), w.first.end(), 0);
   w.row_min.resize(N);
+  w.row_column.resize(N);
+  w.row_unique.resize(N);
+  w.cluster.resize(N);
   for (std::vector<int64_t>* v : {&w.new_index, &w.root, &w.keeper, &w.pair_a, &w.pair_b,
-                                   &w.cluster, &w.member_fill, &w.members}) {
+                                   &w.member_fill, &w.members}) {
     v->resize(N);
   }
   w.member_start.resize(N + 1);
