@@ -38,8 +38,8 @@ struct Edge {
 template <typename T>
 struct Workspace {
   std::vector<T> matrix;       // [N, N] distances of a sample given as features
-  std::vector<T> unit;         // [N + 1, C] its unit features (a zero row past N)
-  std::vector<T> transposed;   // [C, N rounded up to 16] the same, transposed
+  std::vector<T> transposed;   // [C, N rounded up to 32] its unit features, transposed
+  std::vector<T> inverse_norm;  // [N]
   std::vector<T> row_min;      // single: [N] each token's row minimum over the other clusters,
   std::vector<int64_t> row_column;  // a column attaining it (-1: none),
   std::vector<char> row_unique;     // and whether only that column does
@@ -83,10 +83,12 @@ void mask_distances(T* d, int64_t N, const int64_t* groups) {
   }
 }
 
-// Unit rows features / max(|features|, 1e-12) (as torch's normalize) of features [N, C] into
-// unit [N, C] and its transpose [C, padded] (zero columns past N). False if a value is NaN or Inf.
+// Unit features u = features / max(|features|, 1e-12) (as torch's normalize, up to rounding: the
+// kernel multiplies by the reciprocal) of features [N, C], transposed into u^T [C, padded] (zero
+// columns past N), with inverse_norm [N] as workspace. False if a value is NaN or Inf.
 template <typename T>
-bool unit_rows(const T* features, int64_t N, int64_t C, int64_t padded, T* unit, T* transposed) {
+bool unit_columns(const T* features, int64_t N, int64_t C, int64_t padded, T* transposed,
+                  T* inverse_norm) {
   bool finite = true;
   for (int64_t i = 0; i < N; ++i) {
     const T* x = features + i * C;
@@ -98,55 +100,57 @@ bool unit_rows(const T* features, int64_t N, int64_t C, int64_t padded, T* unit,
       bad |= !(x[k] * T(0) == T(0));  // NaN or Inf
     }
     finite = finite && bad == 0;
-    const T norm = std::max(std::sqrt(squares), T(1e-12));
-#pragma omp simd
-    for (int64_t k = 0; k < C; ++k) unit[i * C + k] = x[k] / norm;
+    inverse_norm[i] = T(1) / std::max(std::sqrt(squares), T(1e-12));
   }
   for (int64_t k = 0; k < C; ++k) {
     T* column = transposed + k * padded;
 #pragma omp simd
-    for (int64_t i = 0; i < N; ++i) column[i] = unit[i * C + k];
+    for (int64_t i = 0; i < N; ++i) column[i] = features[i * C + k] * inverse_norm[i];
     std::fill(column + N, column + padded, T(0));
   }
   return finite;
 }
 
 // Cosine distances max(1 - <u_i, u_j>, 0) of the rows of features [N, C] into d [N, N], computed
-// once per pair (upper triangle: 8 rows x 16 columns at a time over u^T) and mirrored, so exactly
+// once per pair (upper triangle: 8 rows x 32 columns at a time over u^T) and mirrored, so exactly
 // symmetric. False (d undefined) if a feature is NaN or Inf.
 template <typename T>
 bool cosine_distances(const T* features, int64_t N, int64_t C, T* d, Workspace<T>& w) {
-  constexpr int64_t kCols = 16, kRows = 8;
-  typedef T Vec __attribute__((vector_size(kCols * sizeof(T))));
+  constexpr int64_t kWidth = 16, kCols = 2 * kWidth, kRows = 8;
+  typedef T Vec __attribute__((vector_size(kWidth * sizeof(T))));
   const int64_t padded = (N + kCols - 1) / kCols * kCols;
-  w.unit.resize((N + 1) * C);  // a zero row past N pads the last block
   w.transposed.resize(C * padded);
-  T* unit = w.unit.data();
-  if (!unit_rows(features, N, C, padded, unit, w.transposed.data())) return false;
-  std::fill(unit + N * C, unit + (N + 1) * C, T(0));
+  w.inverse_norm.resize(N);
+  if (!unit_columns(features, N, C, padded, w.transposed.data(), w.inverse_norm.data())) return false;
   const T* ut = w.transposed.data();
   const Vec zero = {};
-#pragma omp parallel for schedule(dynamic, 4) num_threads(w.threads) if (w.threads > 1)
+#pragma omp parallel for schedule(dynamic, 2) num_threads(w.threads) if (w.threads > 1)
   for (int64_t i0 = 0; i0 < N; i0 += kRows) {
-    const T* u[kRows];  // the block's rows (the zero row past N)
-    for (int64_t r = 0; r < kRows; ++r) u[r] = unit + std::min(i0 + r, N) * C;
     for (int64_t jb = (i0 + 1) / kCols * kCols; jb < N; jb += kCols) {
-      Vec acc[kRows] = {};
+      Vec acc[kRows][2] = {};
       for (int64_t k = 0; k < C; ++k) {
-        Vec t;
-        std::copy(ut + k * padded + jb, ut + k * padded + jb + kCols, reinterpret_cast<T*>(&t));
-        for (int64_t r = 0; r < kRows; ++r) acc[r] += u[r][k] * t;
+        Vec t0, t1;
+        std::copy(ut + k * padded + jb, ut + k * padded + jb + kWidth, reinterpret_cast<T*>(&t0));
+        std::copy(ut + k * padded + jb + kWidth, ut + k * padded + jb + kCols, reinterpret_cast<T*>(&t1));
+        for (int64_t r = 0; r < kRows; ++r) {
+          const T x = ut[k * padded + i0 + r];  // zero past N
+          acc[r][0] += x * t0;
+          acc[r][1] += x * t1;
+        }
       }
       for (int64_t r = 0; r < kRows && i0 + r < N; ++r) {
         const int64_t i = i0 + r;
-        Vec v = 1 - acc[r];
-        v = v < zero ? zero : v;
-        const T* values = reinterpret_cast<const T*>(&v);
-        if (jb > i && jb + kCols <= N) {  // the whole block lies in the upper triangle
-          std::copy(values, values + kCols, d + i * N + jb);
-        } else {
-          for (int64_t jj = std::max<int64_t>(0, i + 1 - jb); jj < std::min(kCols, N - jb); ++jj) {
-            d[i * N + jb + jj] = values[jj];
+        for (int64_t h = 0; h < 2; ++h) {
+          const int64_t j0 = jb + h * kWidth;
+          Vec v = 1 - acc[r][h];
+          v = v < zero ? zero : v;
+          const T* values = reinterpret_cast<const T*>(&v);
+          if (j0 > i && j0 + kWidth <= N) {  // the whole vector lies in the upper triangle
+            std::copy(values, values + kWidth, d + i * N + j0);
+          } else {
+            for (int64_t jj = std::max<int64_t>(0, i + 1 - j0); jj < std::min(kWidth, N - j0); ++jj) {
+              d[i * N + j0 + jj] = values[jj];
+            }
           }
         }
       }
