@@ -38,7 +38,7 @@ struct Edge {
 template <typename T>
 struct Workspace {
   std::vector<T> matrix;       // [N, N] distances of a sample given as features
-  std::vector<T> transposed;   // [C, N rounded up to 32] its unit features, transposed
+  std::vector<T> transposed;   // [C, N rounded up to 16] its unit features, transposed
   std::vector<T> inverse_norm;  // [N]
   std::vector<T> row_min;      // single: [N] each token's row minimum over the other clusters,
   std::vector<int64_t> row_column;  // a column attaining it (-1: none),
@@ -112,50 +112,60 @@ bool unit_columns(const T* features, int64_t N, int64_t C, int64_t padded, T* tr
   return finite;
 }
 
+constexpr int64_t kBlockRows = 8, kWidth = 16;  // distance blocks: 8 rows x (1 or 2) x 16 columns
+
+// Cosine distances of rows i0.. i0 + 7 and columns j0 .. j0 + 16 * V - 1 from u^T [C, padded]
+// into the upper triangle of d [N, N] (entries j > i and j < N only).
+template <typename T, int V>
+inline void distance_block(const T* ut, int64_t padded, int64_t C, int64_t N, int64_t i0, int64_t j0,
+                           T* d) {
+  typedef T Vec __attribute__((vector_size(kWidth * sizeof(T))));
+  Vec acc[kBlockRows][V] = {};
+  for (int64_t k = 0; k < C; ++k) {
+    Vec t[V];
+    for (int h = 0; h < V; ++h) {
+      std::copy(ut + k * padded + j0 + h * kWidth, ut + k * padded + j0 + (h + 1) * kWidth,
+                reinterpret_cast<T*>(&t[h]));
+    }
+    for (int64_t r = 0; r < kBlockRows; ++r) {
+      const T x = ut[k * padded + i0 + r];  // zero past N
+      for (int h = 0; h < V; ++h) acc[r][h] += x * t[h];
+    }
+  }
+  const Vec zero = {};
+  for (int64_t r = 0; r < kBlockRows && i0 + r < N; ++r) {
+    const int64_t i = i0 + r;
+    for (int h = 0; h < V; ++h) {
+      const int64_t j = j0 + h * kWidth;
+      Vec v = 1 - acc[r][h];
+      v = v < zero ? zero : v;
+      const T* values = reinterpret_cast<const T*>(&v);
+      if (j > i && j + kWidth <= N) {  // the whole vector lies in the upper triangle
+        std::copy(values, values + kWidth, d + i * N + j);
+      } else {
+        for (int64_t jj = std::max<int64_t>(0, i + 1 - j); jj < std::min(kWidth, N - j); ++jj) {
+          d[i * N + j + jj] = values[jj];
+        }
+      }
+    }
+  }
+}
+
 // Cosine distances max(1 - <u_i, u_j>, 0) of the rows of features [N, C] into d [N, N], computed
-// once per pair (upper triangle: 8 rows x 32 columns at a time over u^T) and mirrored, so exactly
-// symmetric. False (d undefined) if a feature is NaN or Inf.
+// once per pair (upper triangle, in blocks over u^T) and mirrored, so exactly symmetric. False
+// (d undefined) if a feature is NaN or Inf.
 template <typename T>
 bool cosine_distances(const T* features, int64_t N, int64_t C, T* d, Workspace<T>& w) {
-  constexpr int64_t kWidth = 16, kCols = 2 * kWidth, kRows = 8;
-  typedef T Vec __attribute__((vector_size(kWidth * sizeof(T))));
-  const int64_t padded = (N + kCols - 1) / kCols * kCols;
+  const int64_t padded = (N + kWidth - 1) / kWidth * kWidth;
   w.transposed.resize(C * padded);
   w.inverse_norm.resize(N);
   if (!unit_columns(features, N, C, padded, w.transposed.data(), w.inverse_norm.data())) return false;
   const T* ut = w.transposed.data();
-  const Vec zero = {};
 #pragma omp parallel for schedule(dynamic, 2) num_threads(w.threads) if (w.threads > 1)
-  for (int64_t i0 = 0; i0 < N; i0 += kRows) {
-    for (int64_t jb = (i0 + 1) / kCols * kCols; jb < N; jb += kCols) {
-      Vec acc[kRows][2] = {};
-      for (int64_t k = 0; k < C; ++k) {
-        Vec t0, t1;
-        std::copy(ut + k * padded + jb, ut + k * padded + jb + kWidth, reinterpret_cast<T*>(&t0));
-        std::copy(ut + k * padded + jb + kWidth, ut + k * padded + jb + kCols, reinterpret_cast<T*>(&t1));
-        for (int64_t r = 0; r < kRows; ++r) {
-          const T x = ut[k * padded + i0 + r];  // zero past N
-          acc[r][0] += x * t0;
-          acc[r][1] += x * t1;
-        }
-      }
-      for (int64_t r = 0; r < kRows && i0 + r < N; ++r) {
-        const int64_t i = i0 + r;
-        for (int64_t h = 0; h < 2; ++h) {
-          const int64_t j0 = jb + h * kWidth;
-          Vec v = 1 - acc[r][h];
-          v = v < zero ? zero : v;
-          const T* values = reinterpret_cast<const T*>(&v);
-          if (j0 > i && j0 + kWidth <= N) {  // the whole vector lies in the upper triangle
-            std::copy(values, values + kWidth, d + i * N + j0);
-          } else {
-            for (int64_t jj = std::max<int64_t>(0, i + 1 - j0); jj < std::min(kWidth, N - j0); ++jj) {
-              d[i * N + j0 + jj] = values[jj];
-            }
-          }
-        }
-      }
-    }
+  for (int64_t i0 = 0; i0 < N; i0 += kBlockRows) {
+    int64_t j0 = (i0 + 1) / kWidth * kWidth;  // the first 16 columns holding some j > i
+    for (; j0 + kWidth < N; j0 += 2 * kWidth) distance_block<T, 2>(ut, padded, C, N, i0, j0, d);
+    if (j0 < N) distance_block<T, 1>(ut, padded, C, N, i0, j0, d);
   }
   mirror_upper(d, N, w.threads);
   return true;
