@@ -45,7 +45,6 @@ struct Workspace {
   std::vector<char> row_unique;     // and whether only that column does
   std::vector<int32_t> cluster;     // single: cluster of each token
   std::vector<T> nearest_dist, size, own_height, weight_b;
-  std::vector<const T*> pair_rows;  // complete/average: row a of each pair of the round
   std::vector<int32_t> rank;
   std::vector<int64_t> nearest, first, slots, new_index, root, keeper, pair_a, pair_b;
   std::vector<int64_t> member_start, member_fill, members;  // single: tokens of each cluster (CSR)
@@ -400,13 +399,10 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
     slots.erase(std::remove_if(slots.begin(), slots.end(),  // the absorbed b of every pair
                                [&](int64_t r) { return w.merged[r] && w.nearest[r] < r; }),
                 slots.end());
-    // Columns, row by row: D[x, a] = Lance-Williams(D[x, a], D[x, b]), which is row a's new
-    // entry x (the same operation on the same values), and D[x, b] = +inf. The pairs are
-    // combined in rank order, so an entry between two pairs is combined over the lower pair
-    // first (as in the torch path); the lower triangle copies it below.
+    // Columns, row by row: D[x, a] = Lance-Williams(D[x, a], D[x, b]), D[x, b] = +inf. The
+    // pairs are combined in rank order, so an entry between two pairs is combined over the
+    // lower pair first (as in the torch path); the lower triangle copies it below.
     const int64_t active = static_cast<int64_t>(slots.size());
-    const T** pair_rows = w.pair_rows.data();
-    for (int64_t q = 0; q < p; ++q) pair_rows[q] = d + w.pair_a[q] * N;
 #pragma omp parallel for schedule(static) num_threads(w.threads) if (w.threads > 1)
     for (int64_t i = 0; i < active; ++i) {
       const int64_t x = slots[i];
@@ -414,22 +410,24 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
       const T nearest = w.nearest_dist[x];
       const int64_t* pair_a = w.pair_a.data();
       const int64_t* pair_b = w.pair_b.data();
+      const T* weight_b = w.weight_b.data();
       int beaten = 0;
-      if (w.merged[x]) {  // a pair row: combine its entries of the other pairs
-        for (int64_t q = 0; q < p; ++q) {
-          const T wb = w.weight_b[q];
-          const T v = linkage == kComplete ? std::max(row[pair_a[q]], row[pair_b[q]])
-                                           : row[pair_a[q]] * (T(1) - wb) + row[pair_b[q]] * wb;
+      if (linkage == kComplete) {
+#pragma omp simd reduction(| : beaten)
+        for (int64_t q = 0; q < p; ++q) {  // the pairs' entries are distinct: gather / scatter
+          const T v = std::max(row[pair_a[q]], row[pair_b[q]]);
           row[pair_a[q]] = v;
           row[pair_b[q]] = inf;
+          beaten |= v <= nearest;
         }
-        continue;
-      }
-      for (int64_t q = 0; q < p; ++q) {
-        const T v = pair_rows[q][x];
-        row[pair_a[q]] = v;
-        row[pair_b[q]] = inf;
-        beaten |= v <= nearest;
+      } else {
+#pragma omp simd reduction(| : beaten)
+        for (int64_t q = 0; q < p; ++q) {
+          const T v = row[pair_a[q]] * (T(1) - weight_b[q]) + row[pair_b[q]] * weight_b[q];
+          row[pair_a[q]] = v;
+          row[pair_b[q]] = inf;
+          beaten |= v <= nearest;
+        }
       }
       w.stale[x] = w.stale[x] || beaten || w.merged[w.nearest[x]];
     }
@@ -551,7 +549,6 @@ void cluster_sample(T* d, int64_t N, const int64_t* groups, int linkage, int64_t
   w.size.assign(N, T(1));
   w.own_height.assign(N, -std::numeric_limits<T>::infinity());
   w.weight_b.resize(N);
-  w.pair_rows.resize(N);
   w.rank.resize(N);
   w.nearest.resize(N);
   w.first.resize(N);
