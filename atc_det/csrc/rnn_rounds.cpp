@@ -49,6 +49,7 @@ struct Workspace {
   std::vector<int64_t> nearest, first, slots, new_index, root, keeper, pair_a, pair_b;
   std::vector<int64_t> member_start, member_fill, members;  // single: tokens of each cluster (CSR)
   std::vector<char> edge, stale, merged;
+  std::vector<uint16_t> active;  // complete/average: active columns, 16 per word
   std::vector<Edge> edges;
   std::vector<int64_t> order, parent_of, label;
   int threads = 1;  // OpenMP threads inside one sample (large N, few samples)
@@ -170,15 +171,6 @@ bool cosine_distances(const T* features, int64_t N, int64_t C, T* d, Workspace<T
   return true;
 }
 
-// Minimum of row [width].
-template <typename T>
-inline T row_minimum(const T* row, int64_t width) {
-  T m = std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(min : m)
-  for (int64_t c = 0; c < width; ++c) m = row[c] < m ? row[c] : m;
-  return m;
-}
-
 // visit(c) for every column c of row [width] with row[c] == value, ascending.
 template <typename T, typename Visit>
 inline void for_each_equal(const T* row, int64_t width, T value, Visit visit) {
@@ -205,40 +197,42 @@ inline void for_each_equal(const float* row, int64_t width, float value, Visit v
 }
 #endif
 
-// The tie rule of nearest_neighbour, given the minimum `best` of the row.
+// Nearest neighbour of the cluster of rank `rank_r` from its row [width], over the active columns
+// (bit c % 16 of active[c / 16]): the minimum, ties to the smallest rank XOR rank. Returns the
+// rank of the neighbour (rank_r for an isolated cluster) and whether the minimum is unique (then
+// ranks did not matter).
 template <typename T>
-inline bool nearest_neighbour_ties(const T* row, int64_t width, int32_t rank_r, const int32_t* rank,
-                                   T best, int32_t& nearest_rank) {
+inline bool nearest_neighbour(const T* row, const uint16_t* active, int64_t width, int32_t rank_r,
+                              const int32_t* rank, T& best, int32_t& nearest_rank) {
+  best = std::numeric_limits<T>::infinity();
+  int32_t best_xor = std::numeric_limits<int32_t>::max(), ties = 0;
+  for (int64_t c = 0; c < width; ++c) {
+    if (!(active[c >> 4] >> (c & 15) & 1)) continue;
+    const int32_t x = rank_r ^ rank[c];
+    if (row[c] < best) {
+      best = row[c];
+      best_xor = x;
+      ties = 1;
+    } else if (row[c] == best) {
+      best_xor = std::min(best_xor, x);
+      ++ties;
+    }
+  }
   if (std::isinf(best)) {
     nearest_rank = rank_r;
     return true;
   }
-  int32_t best_xor = std::numeric_limits<int32_t>::max();
-  int32_t ties = 0;
-  for_each_equal(row, width, best, [&](int64_t c) {
-    ++ties;
-    best_xor = std::min(best_xor, rank_r ^ rank[c]);
-  });
   nearest_rank = rank_r ^ best_xor;
   return ties == 1;
 }
 
-// Nearest neighbour of the cluster of rank `rank_r` from its row [width] (+inf: inactive): the
-// row minimum, ties to the smallest rank XOR rank. Returns the rank of the neighbour (rank_r for
-// an isolated cluster) and whether the minimum is unique (then ranks did not matter).
-template <typename T>
-inline bool nearest_neighbour(const T* row, int64_t width, int32_t rank_r, const int32_t* rank,
-                              T& best, int32_t& nearest_rank) {
-  best = row_minimum(row, width);
-  return nearest_neighbour_ties(row, width, rank_r, rank, best, nearest_rank);
-}
-
 #if defined(__AVX512F__)
 // float32 with AVX-512: one pass keeping, per lane, the minimum, its first column and whether it
-// repeats; the tie rule above runs only if the row minimum is not unique.
+// repeats; a second pass applies the tie rule only if the minimum is not unique.
 template <>
-inline bool nearest_neighbour<float>(const float* row, int64_t width, int32_t rank_r,
-                                     const int32_t* rank, float& best, int32_t& nearest_rank) {
+inline bool nearest_neighbour<float>(const float* row, const uint16_t* active, int64_t width,
+                                     int32_t rank_r, const int32_t* rank, float& best,
+                                     int32_t& nearest_rank) {
   const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
   const __m512i step = _mm512_set1_epi32(16);
   __m512 lane_min = inf;
@@ -246,8 +240,7 @@ inline bool nearest_neighbour<float>(const float* row, int64_t width, int32_t ra
   __m512i column = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __mmask16 repeated = 0;
   for (int64_t c = 0; c < width; c += 16) {
-    const __mmask16 inside = width - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (width - c)) - 1);
-    const __m512 v = _mm512_mask_loadu_ps(inf, inside, row + c);
+    const __m512 v = _mm512_mask_loadu_ps(inf, active[c >> 4], row + c);
     const __mmask16 below = _mm512_cmp_ps_mask(v, lane_min, _CMP_LT_OQ);
     repeated = (repeated & ~below) | _mm512_cmp_ps_mask(v, lane_min, _CMP_EQ_OQ);
     lane_min = _mm512_min_ps(v, lane_min);
@@ -255,14 +248,28 @@ inline bool nearest_neighbour<float>(const float* row, int64_t width, int32_t ra
     column = _mm512_add_epi32(column, step);
   }
   best = _mm512_reduce_min_ps(lane_min);
-  const __mmask16 at = _mm512_cmp_ps_mask(lane_min, _mm512_set1_ps(best), _CMP_EQ_OQ);
-  if (std::isinf(best) || (at & (at - 1)) != 0 || (at & repeated) != 0) {  // isolated or tied
-    return nearest_neighbour_ties(row, width, rank_r, rank, best, nearest_rank);
+  if (std::isinf(best)) {  // isolated
+    nearest_rank = rank_r;
+    return true;
   }
-  alignas(64) int32_t columns[16];
-  _mm512_store_si512(columns, lane_column);
-  nearest_rank = rank[columns[__builtin_ctz(at)]];
-  return true;
+  const __m512 target = _mm512_set1_ps(best);
+  const __mmask16 at = _mm512_cmp_ps_mask(lane_min, target, _CMP_EQ_OQ);
+  if ((at & (at - 1)) == 0 && (at & repeated) == 0) {
+    alignas(64) int32_t columns[16];
+    _mm512_store_si512(columns, lane_column);
+    nearest_rank = rank[columns[__builtin_ctz(at)]];
+    return true;
+  }
+  int32_t best_xor = std::numeric_limits<int32_t>::max(), ties = 0;
+  for (int64_t c = 0; c < width; c += 16) {
+    for (__mmask16 equal = _mm512_mask_cmpeq_ps_mask(active[c >> 4], _mm512_maskz_loadu_ps(active[c >> 4], row + c), target);
+         equal != 0; equal &= equal - 1) {
+      ++ties;
+      best_xor = std::min(best_xor, rank_r ^ rank[c + __builtin_ctz(equal)]);
+    }
+  }
+  nearest_rank = rank_r ^ best_xor;
+  return ties == 1;
 }
 #endif
 
@@ -345,6 +352,11 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
   slots.resize(N);
   std::iota(slots.begin(), slots.end(), 0);
   int32_t* rank = w.rank.data();
+  // Active columns, 16 per word: merged-away clusters are masked out of the scans instead of
+  // being set to +inf in every row.
+  w.active.assign((N + 15) / 16, 0);
+  for (int64_t c = 0; c < N; ++c) w.active[c >> 4] |= static_cast<uint16_t>(1u << (c & 15));
+  uint16_t* active = w.active.data();
   while (slots.size() > 1) {
     const int64_t n = static_cast<int64_t>(slots.size());
     for (int64_t i = 0; i < n; ++i) rank[slots[i]] = static_cast<int32_t>(i);
@@ -353,7 +365,7 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
       const int64_t r = slots[i];
       if (w.stale[r]) {
         int32_t nearest_rank;
-        w.stale[r] = !nearest_neighbour(d + r * N, N, rank[r], rank, w.nearest_dist[r], nearest_rank);
+        w.stale[r] = !nearest_neighbour(d + r * N, active, N, rank[r], rank, w.nearest_dist[r], nearest_rank);
         w.nearest[r] = slots[nearest_rank];
       }
     }
@@ -399,7 +411,11 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
     slots.erase(std::remove_if(slots.begin(), slots.end(),  // the absorbed b of every pair
                                [&](int64_t r) { return w.merged[r] && w.nearest[r] < r; }),
                 slots.end());
-    // Columns, row by row: D[x, a] = Lance-Williams(D[x, a], D[x, b]), D[x, b] = +inf. The
+    for (int64_t q = 0; q < p; ++q) {
+      const int64_t b = w.pair_b[q];
+      active[b >> 4] = static_cast<uint16_t>(active[b >> 4] & ~(1u << (b & 15)));
+    }
+    // Columns, row by row: D[x, a] = Lance-Williams(D[x, a], D[x, b]) (b is masked out). The
     // pairs are combined in rank order, so an entry between two pairs is combined over the
     // lower pair first (as in the torch path); the lower triangle copies it below.
     const int64_t active = static_cast<int64_t>(slots.size());
@@ -417,7 +433,6 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
         for (int64_t q = 0; q < p; ++q) {  // the pairs' entries are distinct: gather / scatter
           const T v = std::max(row[pair_a[q]], row[pair_b[q]]);
           row[pair_a[q]] = v;
-          row[pair_b[q]] = inf;
           beaten |= v <= nearest;
         }
       } else {
@@ -425,7 +440,6 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
         for (int64_t q = 0; q < p; ++q) {
           const T v = row[pair_a[q]] * (T(1) - weight_b[q]) + row[pair_b[q]] * weight_b[q];
           row[pair_a[q]] = v;
-          row[pair_b[q]] = inf;
           beaten |= v <= nearest;
         }
       }
