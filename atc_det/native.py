@@ -59,6 +59,26 @@ def library_path() -> Path:
     return _cache_dir() / f"rnn_rounds-{key}.so"
 
 
+def compile_kernel(source: Path, out: Path) -> None:
+    """Compile a kernel source file into the shared library ``out``."""
+    result = subprocess.run([_compiler(), *_FLAGS, "-o", str(out), str(source)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise NativeUnavailable(f"building {source} failed:\n{result.stderr.strip()}")
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """Load a compiled kernel and declare its C functions."""
+    library = ctypes.CDLL(str(path))
+    for name in ("atc_cluster_f32", "atc_cluster_f64"):
+        function = getattr(library, name)
+        function.restype = ctypes.c_int
+        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+                             ctypes.c_double, ctypes.c_void_p, ctypes.c_int]
+    return library
+
+
 def build() -> Path:
     """Compile the kernel into the cache unless it is there (safe across processes)."""
     target = library_path()
@@ -70,10 +90,7 @@ def build() -> Path:
         if not target.exists():
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 out = Path(tmp) / target.name
-                result = subprocess.run([_compiler(), *_FLAGS, "-o", str(out), str(SOURCE)],
-                                        capture_output=True, text=True)
-                if result.returncode != 0:
-                    raise NativeUnavailable(f"building {SOURCE} failed:\n{result.stderr.strip()}")
+                compile_kernel(SOURCE, out)
                 os.replace(out, target)
     return target
 
@@ -85,16 +102,10 @@ def cluster_library() -> ctypes.CDLL:
     if _build_error is not None:
         raise NativeUnavailable(_build_error)
     try:
-        library = ctypes.CDLL(str(build()))
+        library = load_library(build())
     except (NativeUnavailable, OSError) as error:
         _build_error = str(error)
         raise NativeUnavailable(_build_error) from None
-    for name in ("atc_cluster_f32", "atc_cluster_f64"):
-        function = getattr(library, name)
-        function.restype = ctypes.c_int
-        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
-                             ctypes.c_double, ctypes.c_void_p, ctypes.c_int]
     _library = library
     return library
 
@@ -114,16 +125,18 @@ def unavailable_reason() -> str | None:
 
 
 def cluster(linkage: str, num_merges: int | None, threshold: float | None, groups: Tensor | None, *,
-            distances: Tensor | None = None, features: Tensor | None = None) -> Tensor:
+            distances: Tensor | None = None, features: Tensor | None = None,
+            library: ctypes.CDLL | None = None) -> Tensor:
     """Labels [B, N] int64 (first-member order), from exactly one of:
 
     ``distances`` [B, N, N]: symmetric distances (overwritten), or ``features`` [B, N, C]: token
     features, normalised (as ``torch.nn.functional.normalize``) and compared by cosine distance
     ``max(1 - <u_i, u_j>, 0)`` inside the kernel, which also checks that they are finite. Both
     CPU float32/float64. ``groups`` [B, N] int64: tokens of different groups never merge. Exactly
-    one of ``num_merges`` (static: the N - K lowest merges) and ``threshold``.
+    one of ``num_merges`` (static: the N - K lowest merges) and ``threshold``. ``library``: a
+    kernel from :func:`load_library` instead of the built one (for A/B timing).
     """
-    library = cluster_library()
+    library = library or cluster_library()
     data = features if distances is None else distances
     if data.dtype not in (torch.float32, torch.float64) or data.device.type != "cpu":
         raise TypeError(f"native clustering needs CPU float32/float64 tensors, got {data.dtype} on "
