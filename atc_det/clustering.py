@@ -77,7 +77,7 @@ def cosine_distances(metric: Tensor) -> Tensor:
 
 def _check_finite(values: Tensor, name: str) -> None:
     if values.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(values))).all()):
-        raise ValueError(f"{name} contains NaN or Inf values; clean the features first")
+        raise native.non_finite_error(name)
 
 
 def check_tokens(metric: Tensor, num_clusters: int | None, valid: Tensor | None, protected: int,

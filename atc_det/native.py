@@ -35,6 +35,11 @@ class NativeUnavailable(RuntimeError):
     """The native kernel could not be built or loaded (message says why and what to do)."""
 
 
+def non_finite_error(name: str) -> ValueError:
+    """The one error for NaN / Inf token features (raised here and by the torch path's check)."""
+    return ValueError(f"{name} contains NaN or Inf values; clean the features first")
+
+
 def _compiler() -> str:
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
@@ -160,7 +165,7 @@ def cluster(linkage: str, num_merges: int | None, threshold: float | None, group
                       0.0 if threshold is None else float(threshold), labels.data_ptr(),
                       torch.get_num_threads())
     if status == NON_FINITE:
-        raise ValueError("metric contains NaN or Inf values; clean the features first")
+        raise non_finite_error("metric")
     if status != 0:
         raise RuntimeError(f"native clustering failed with status {status}")
     return labels

@@ -13,7 +13,8 @@
 //        cached nearest neighbour of a row is reused unless the row merged, its neighbour merged,
 //        its minimum was tied, or a new entry ties or beats it.
 //      - single: every cluster joins its nearest neighbour (Borůvka: spanning-tree edges, the
-//        token pair realising each edge is tracked); entries inside a cluster become +inf.
+//        token pair realising each edge is tracked) on the token matrix, each token's row minimum
+//        taken over the other clusters.
 //   3. cut: static: the N - K lowest merges, stable by (height, round, rank); dynamic: every merge
 //      with height <= threshold. Union-find; clusters numbered by their first member.
 #include <algorithm>
@@ -121,7 +122,6 @@ void transpose_scaled<float>(const float* features, int64_t N, int64_t C, int64_
 template <typename T>
 bool unit_columns(const T* features, int64_t N, int64_t C, int64_t padded, T* transposed,
                   T* inverse_norm) {
-  bool finite = true;
   for (int64_t i = 0; i < N; ++i) {
     const T* x = features + i * C;
     T squares = 0;
@@ -131,11 +131,11 @@ bool unit_columns(const T* features, int64_t N, int64_t C, int64_t padded, T* tr
       squares += x[k] * x[k];
       bad |= !(x[k] * T(0) == T(0));  // NaN or Inf
     }
-    finite = finite && bad == 0;
+    if (bad) return false;
     inverse_norm[i] = T(1) / std::max(std::sqrt(squares), T(1e-12));
   }
   transpose_scaled(features, N, C, padded, inverse_norm, transposed);
-  return finite;
+  return true;
 }
 
 constexpr int64_t kBlockRows = 8, kWidth = 16;  // distance blocks: 8 rows x (1 or 2) x 16 columns
@@ -197,118 +197,39 @@ bool cosine_distances(const T* features, int64_t N, int64_t C, T* d, Workspace<T
   return true;
 }
 
-// visit(c) for every column c of row [width] with row[c] == value, ascending.
-template <typename T, typename Visit>
-inline void for_each_equal(const T* row, int64_t width, T value, Visit visit) {
-  for (int64_t c = 0; c < width; ++c) {
-    if (row[c] == value) visit(c);
-  }
-}
-
+// The columns a scan considers.
+struct ActiveColumns {  // complete/average: the active clusters, bit c % 16 of bits[c / 16]
+  const uint16_t* bits;    // (bits past the row width are 0)
+  bool operator()(int64_t c) const { return bits[c >> 4] >> (c & 15) & 1; }
 #if defined(__AVX512F__)
-// float32 with AVX-512: equal lanes found by mask.
-template <typename Visit>
-inline void for_each_equal(const float* row, int64_t width, float value, Visit visit) {
-  const __m512 target = _mm512_set1_ps(value);
-  int64_t c = 0;
-  for (; c + 16 <= width; c += 16) {
-    for (__mmask16 equal = _mm512_cmpeq_ps_mask(_mm512_loadu_ps(row + c), target); equal != 0;
-         equal &= equal - 1) {
-      visit(c + __builtin_ctz(equal));
-    }
-  }
-  for (; c < width; ++c) {
-    if (row[c] == value) visit(c);
-  }
-}
+  __mmask16 lanes(int64_t c, int64_t) const { return bits[c >> 4]; }
 #endif
+};
 
-// Nearest neighbour of the cluster of rank `rank_r` from its row [width], over the active columns
-// (bit c % 16 of active[c / 16]): the minimum, ties to the smallest rank XOR rank. Returns the
-// rank of the neighbour (rank_r for an isolated cluster) and whether the minimum is unique (then
-// ranks did not matter).
-template <typename T>
-inline bool nearest_neighbour(const T* row, const uint16_t* active, int64_t width, int32_t rank_r,
-                              const int32_t* rank, T& best, int32_t& nearest_rank) {
-  best = std::numeric_limits<T>::infinity();
-  int32_t best_xor = std::numeric_limits<int32_t>::max(), ties = 0;
-  for (int64_t c = 0; c < width; ++c) {
-    if (!(active[c >> 4] >> (c & 15) & 1)) continue;
-    const int32_t x = rank_r ^ rank[c];
-    if (row[c] < best) {
-      best = row[c];
-      best_xor = x;
-      ties = 1;
-    } else if (row[c] == best) {
-      best_xor = std::min(best_xor, x);
-      ++ties;
-    }
-  }
-  if (std::isinf(best)) {
-    nearest_rank = rank_r;
-    return true;
-  }
-  nearest_rank = rank_r ^ best_xor;
-  return ties == 1;
-}
-
+struct OtherClusters {  // single: the tokens of clusters other than `own`
+  const int32_t* cluster;
+  int32_t own;
+  bool operator()(int64_t c) const { return cluster[c] != own; }
 #if defined(__AVX512F__)
-// float32 with AVX-512: one pass keeping, per lane, the minimum, its first column and whether it
-// repeats; a second pass applies the tie rule only if the minimum is not unique.
-template <>
-inline bool nearest_neighbour<float>(const float* row, const uint16_t* active, int64_t width,
-                                     int32_t rank_r, const int32_t* rank, float& best,
-                                     int32_t& nearest_rank) {
-  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-  const __m512i step = _mm512_set1_epi32(16);
-  __m512 lane_min = inf;
-  __m512i lane_column = _mm512_setzero_si512();
-  __m512i column = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __mmask16 repeated = 0;
-  for (int64_t c = 0; c < width; c += 16) {
-    const __m512 v = _mm512_mask_loadu_ps(inf, active[c >> 4], row + c);
-    const __mmask16 below = _mm512_cmp_ps_mask(v, lane_min, _CMP_LT_OQ);
-    repeated = (repeated & ~below) | _mm512_cmp_ps_mask(v, lane_min, _CMP_EQ_OQ);
-    lane_min = _mm512_min_ps(v, lane_min);
-    lane_column = _mm512_mask_mov_epi32(lane_column, below, column);
-    column = _mm512_add_epi32(column, step);
+  __mmask16 lanes(int64_t c, int64_t width) const {
+    const __mmask16 inside = width - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (width - c)) - 1);
+    return _mm512_mask_cmpneq_epi32_mask(inside, _mm512_maskz_loadu_epi32(inside, cluster + c),
+                                         _mm512_set1_epi32(own));
   }
-  best = _mm512_reduce_min_ps(lane_min);
-  if (std::isinf(best)) {  // isolated
-    nearest_rank = rank_r;
-    return true;
-  }
-  const __m512 target = _mm512_set1_ps(best);
-  const __mmask16 at = _mm512_cmp_ps_mask(lane_min, target, _CMP_EQ_OQ);
-  if ((at & (at - 1)) == 0 && (at & repeated) == 0) {
-    alignas(64) int32_t columns[16];
-    _mm512_store_si512(columns, lane_column);
-    nearest_rank = rank[columns[__builtin_ctz(at)]];
-    return true;
-  }
-  int32_t best_xor = std::numeric_limits<int32_t>::max(), ties = 0;
-  for (int64_t c = 0; c < width; c += 16) {
-    for (__mmask16 equal = _mm512_mask_cmpeq_ps_mask(active[c >> 4], _mm512_maskz_loadu_ps(active[c >> 4], row + c), target);
-         equal != 0; equal &= equal - 1) {
-      ++ties;
-      best_xor = std::min(best_xor, rank_r ^ rank[c + __builtin_ctz(equal)]);
-    }
-  }
-  nearest_rank = rank_r ^ best_xor;
-  return ties == 1;
-}
 #endif
+};
 
-// Minimum of row [width] over the columns of other clusters (cluster [width], own: the row's),
-// a column attaining it (-1 if none: +inf) and whether it is attained only there.
-template <typename T>
-inline T row_minimum_outside(const T* row, const int32_t* cluster, int32_t own, int64_t width,
-                             int64_t& column, bool& unique) {
+// Minimum of row [width] over the considered columns (lanes(c, width): the 16 from c on, as a
+// mask, none past width), a column attaining it (-1 if none: the
+// minimum is +inf) and whether only that column does.
+template <typename T, typename Columns>
+inline T masked_minimum(const T* row, int64_t width, const Columns& columns, int64_t& column,
+                        bool& unique) {
   T best = std::numeric_limits<T>::infinity();
   int64_t count = 0;
   column = -1;
   for (int64_t c = 0; c < width; ++c) {
-    if (cluster[c] == own) continue;
+    if (!columns(c)) continue;
     if (row[c] < best) {
       best = row[c];
       column = c;
@@ -321,22 +242,28 @@ inline T row_minimum_outside(const T* row, const int32_t* cluster, int32_t own, 
   return best;
 }
 
+// visit(c) for every considered column c of row [width] with row[c] == value, ascending.
+template <typename T, typename Columns, typename Visit>
+inline void for_each_equal(const T* row, int64_t width, T value, const Columns& columns, Visit visit) {
+  for (int64_t c = 0; c < width; ++c) {
+    if (columns(c) && row[c] == value) visit(c);
+  }
+}
+
 #if defined(__AVX512F__)
-// float32 with AVX-512: per-lane minimum, first column and repetition in one pass.
-template <>
-inline float row_minimum_outside<float>(const float* row, const int32_t* cluster, int32_t own,
-                                        int64_t width, int64_t& column, bool& unique) {
+// float32 with AVX-512: one pass keeping, per lane, the minimum, its first column and whether it
+// repeats.
+template <typename Columns>
+inline float masked_minimum(const float* row, int64_t width, const Columns& columns, int64_t& column,
+                            bool& unique) {
   const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-  const __m512i step = _mm512_set1_epi32(16), own_lanes = _mm512_set1_epi32(own);
+  const __m512i step = _mm512_set1_epi32(16);
   __m512 lane_min = inf;
   __m512i lane_column = _mm512_setzero_si512();
   __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __mmask16 repeated = 0;
   for (int64_t c = 0; c < width; c += 16) {
-    const __mmask16 inside = width - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (width - c)) - 1);
-    const __mmask16 outside = _mm512_mask_cmpneq_epi32_mask(
-        inside, _mm512_maskz_loadu_epi32(inside, cluster + c), own_lanes);
-    const __m512 v = _mm512_mask_loadu_ps(inf, outside, row + c);
+    const __m512 v = _mm512_mask_loadu_ps(inf, columns.lanes(c, width), row + c);
     const __mmask16 below = _mm512_cmp_ps_mask(v, lane_min, _CMP_LT_OQ);
     repeated = (repeated & ~below) | _mm512_cmp_ps_mask(v, lane_min, _CMP_EQ_OQ);
     lane_min = _mm512_min_ps(v, lane_min);
@@ -344,19 +271,56 @@ inline float row_minimum_outside<float>(const float* row, const int32_t* cluster
     lane = _mm512_add_epi32(lane, step);
   }
   const float best = _mm512_reduce_min_ps(lane_min);
-  const __mmask16 at = _mm512_cmp_ps_mask(lane_min, _mm512_set1_ps(best), _CMP_EQ_OQ);
   if (std::isinf(best)) {
     column = -1;
     unique = false;
     return best;
   }
-  alignas(64) int32_t columns[16];
-  _mm512_store_si512(columns, lane_column);
-  column = columns[__builtin_ctz(at)];
+  const __mmask16 at = _mm512_cmp_ps_mask(lane_min, _mm512_set1_ps(best), _CMP_EQ_OQ);
+  alignas(64) int32_t columns_at[16];
+  _mm512_store_si512(columns_at, lane_column);
+  column = columns_at[__builtin_ctz(at)];
   unique = (at & (at - 1)) == 0 && (at & repeated) == 0;
   return best;
 }
+
+// float32 with AVX-512: equal lanes found by mask.
+template <typename Columns, typename Visit>
+inline void for_each_equal(const float* row, int64_t width, float value, const Columns& columns,
+                           Visit visit) {
+  const __m512 target = _mm512_set1_ps(value);
+  for (int64_t c = 0; c < width; c += 16) {
+    const __mmask16 considered = columns.lanes(c, width);
+    for (__mmask16 equal = _mm512_mask_cmpeq_ps_mask(considered, _mm512_maskz_loadu_ps(considered, row + c), target);
+         equal != 0; equal &= equal - 1) {
+      visit(c + __builtin_ctz(equal));
+    }
+  }
+}
 #endif
+
+// Nearest neighbour of the cluster of rank `rank_r` from its row [width], over the active columns:
+// the minimum, ties to the smallest rank XOR rank. Returns the rank of the neighbour (rank_r for
+// an isolated cluster) and whether the minimum is unique (then ranks did not matter).
+template <typename T>
+inline bool nearest_neighbour(const T* row, const ActiveColumns& active, int64_t width, int32_t rank_r,
+                              const int32_t* rank, T& best, int32_t& nearest_rank) {
+  int64_t column;
+  bool unique;
+  best = masked_minimum(row, width, active, column, unique);
+  if (column < 0) {  // isolated
+    nearest_rank = rank_r;
+    return true;
+  }
+  if (unique) {
+    nearest_rank = rank[column];
+    return true;
+  }
+  int32_t best_xor = std::numeric_limits<int32_t>::max();
+  for_each_equal(row, width, best, active, [&](int64_t c) { best_xor = std::min(best_xor, rank_r ^ rank[c]); });
+  nearest_rank = rank_r ^ best_xor;
+  return false;
+}
 
 // Whether the rounds can stop: no later merge can be among the kept ones.
 template <typename T>
@@ -382,7 +346,8 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
   // being set to +inf in every row.
   w.active.assign((N + 15) / 16, 0);
   for (int64_t c = 0; c < N; ++c) w.active[c >> 4] |= static_cast<uint16_t>(1u << (c & 15));
-  uint16_t* active = w.active.data();
+  uint16_t* active_bits = w.active.data();
+  const ActiveColumns active{active_bits};
   while (slots.size() > 1) {
     const int64_t n = static_cast<int64_t>(slots.size());
     for (int64_t i = 0; i < n; ++i) rank[slots[i]] = static_cast<int32_t>(i);
@@ -439,14 +404,14 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
                 slots.end());
     for (int64_t q = 0; q < p; ++q) {
       const int64_t b = w.pair_b[q];
-      active[b >> 4] = static_cast<uint16_t>(active[b >> 4] & ~(1u << (b & 15)));
+      active_bits[b >> 4] = static_cast<uint16_t>(active_bits[b >> 4] & ~(1u << (b & 15)));
     }
     // Columns, row by row: D[x, a] = Lance-Williams(D[x, a], D[x, b]) (b is masked out). The
     // pairs are combined in rank order, so an entry between two pairs is combined over the
     // lower pair first (as in the torch path); the lower triangle copies it below.
-    const int64_t active = static_cast<int64_t>(slots.size());
+    const int64_t num_active = static_cast<int64_t>(slots.size());
 #pragma omp parallel for schedule(static) num_threads(w.threads) if (w.threads > 1)
-    for (int64_t i = 0; i < active; ++i) {
+    for (int64_t i = 0; i < num_active; ++i) {
       const int64_t x = slots[i];
       T* row = d + x * N;
       const T nearest = w.nearest_dist[x];
@@ -502,7 +467,7 @@ void boruvka_rounds(const T* d, int64_t N, int64_t num_merges, bool use_threshol
       const int64_t j = w.row_column[i];
       if (j >= 0 && (!w.row_unique[i] || cluster[j] == cluster[i])) {
         bool unique;
-        w.row_min[i] = row_minimum_outside(d + i * N, cluster, cluster[i], N, w.row_column[i], unique);
+        w.row_min[i] = masked_minimum(d + i * N, N, OtherClusters{cluster, cluster[i]}, w.row_column[i], unique);
         w.row_unique[i] = unique;
       }
     }
@@ -534,8 +499,7 @@ void boruvka_rounds(const T* d, int64_t N, int64_t num_merges, bool use_threshol
       for (int64_t e = w.member_start[c]; e < w.member_start[c + 1]; ++e) {
         const int64_t i = w.members[e];
         if (w.row_min[i] != best) continue;
-        for_each_equal(d + i * N, N, best, [&](int64_t j) {
-          if (cluster[j] == c) return;
+        for_each_equal(d + i * N, N, best, OtherClusters{cluster, static_cast<int32_t>(c)}, [&](int64_t j) {
           const int64_t x = c ^ cluster[j], pair = i * N + j;
           if (x < best_xor || (x == best_xor && pair < best_pair)) {
             best_xor = x;
