@@ -56,18 +56,31 @@ struct Workspace {
   int threads = 1;  // OpenMP threads inside one sample (large N, few samples)
 };
 
+// body(i) for i in [0, n): over `threads` OpenMP threads (dynamic chunks of `chunk`), or as a plain
+// loop for one thread. (An OpenMP region costs about a microsecond even when inactive; a sample
+// runs several per round.)
+template <typename Body>
+inline void parallel_for(int threads, int64_t n, int64_t chunk, const Body& body) {
+  if (threads <= 1) {
+    for (int64_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads)
+  for (int64_t i = 0; i < n; ++i) body(i);
+}
+
 // Copy the upper triangle of d [N, N] onto the lower one (32 x 32 tiles through L1).
 template <typename T>
 void mirror_upper(T* d, int64_t N, int threads) {
   constexpr int64_t kTile = 32;
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
-  for (int64_t ib = 0; ib < N; ib += kTile) {
+  parallel_for(threads, (N + kTile - 1) / kTile, 1, [&](int64_t tile) {
+    const int64_t ib = tile * kTile;
     for (int64_t jb = ib; jb < N; jb += kTile) {
       for (int64_t j = jb; j < std::min(jb + kTile, N); ++j) {
         for (int64_t i = ib; i < std::min({ib + kTile, N, j}); ++i) d[j * N + i] = d[i * N + j];
       }
     }
-  }
+  });
 }
 
 // Distances to cluster: +inf on the diagonal and between tokens of different groups.
@@ -187,12 +200,12 @@ bool cosine_distances(const T* features, int64_t N, int64_t C, T* d, Workspace<T
   w.inverse_norm.resize(N);
   if (!unit_columns(features, N, C, padded, w.transposed.data(), w.inverse_norm.data())) return false;
   const T* ut = w.transposed.data();
-#pragma omp parallel for schedule(dynamic, 2) num_threads(w.threads) if (w.threads > 1)
-  for (int64_t i0 = 0; i0 < N; i0 += kBlockRows) {
+  parallel_for(w.threads, (N + kBlockRows - 1) / kBlockRows, 2, [&](int64_t block) {
+    const int64_t i0 = block * kBlockRows;
     int64_t j0 = (i0 + 1) / kWidth * kWidth;  // the first 16 columns holding some j > i
     for (; j0 + kWidth < N; j0 += 2 * kWidth) distance_block<T, 2>(ut, padded, C, N, i0, j0, d);
     if (j0 < N) distance_block<T, 1>(ut, padded, C, N, i0, j0, d);
-  }
+  });
   mirror_upper(d, N, w.threads);
   return true;
 }
@@ -351,15 +364,14 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
   while (slots.size() > 1) {
     const int64_t n = static_cast<int64_t>(slots.size());
     for (int64_t i = 0; i < n; ++i) rank[slots[i]] = static_cast<int32_t>(i);
-#pragma omp parallel for schedule(dynamic, 16) num_threads(w.threads) if (w.threads > 1)
-    for (int64_t i = 0; i < n; ++i) {
+    parallel_for(w.threads, n, 16, [&](int64_t i) {
       const int64_t r = slots[i];
       if (w.stale[r]) {
         int32_t nearest_rank;
         w.stale[r] = !nearest_neighbour(d + r * N, active, N, rank[r], rank, w.nearest_dist[r], nearest_rank);
         w.nearest[r] = slots[nearest_rank];
       }
-    }
+    });
     T lowest_open = inf;
     for (const int64_t r : slots) lowest_open = std::min(lowest_open, w.nearest_dist[r]);
     if (finished(w.edges, lowest_open, num_merges, use_threshold, threshold)) break;
@@ -379,8 +391,7 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
       }
     }
     // Rows: row a = Lance-Williams(row a, row b) for every pair.
-#pragma omp parallel for schedule(static) num_threads(w.threads) if (w.threads > 1)
-    for (int64_t q = 0; q < p; ++q) {
+    parallel_for(w.threads, p, 1, [&](int64_t q) {
       const int64_t a = w.pair_a[q], b = w.pair_b[q];
       const T size_a = w.size[a], size_b = w.size[b];
       const T wb = T(1) - size_a / (size_a + size_b), wa = T(1) - wb;
@@ -398,7 +409,7 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
       }
       w.merged[a] = w.merged[b] = 1;
       w.stale[a] = 1;
-    }
+    });
     slots.erase(std::remove_if(slots.begin(), slots.end(),  // the absorbed b of every pair
                                [&](int64_t r) { return w.merged[r] && w.nearest[r] < r; }),
                 slots.end());
@@ -410,8 +421,7 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
     // pairs are combined in rank order, so an entry between two pairs is combined over the
     // lower pair first (as in the torch path); the lower triangle copies it below.
     const int64_t num_active = static_cast<int64_t>(slots.size());
-#pragma omp parallel for schedule(static) num_threads(w.threads) if (w.threads > 1)
-    for (int64_t i = 0; i < num_active; ++i) {
+    parallel_for(w.threads, num_active, 64, [&](int64_t i) {
       const int64_t x = slots[i];
       T* row = d + x * N;
       const T nearest = w.nearest_dist[x];
@@ -435,7 +445,7 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
         }
       }
       w.stale[x] = w.stale[x] || beaten || w.merged[w.nearest[x]];
-    }
+    });
     if (linkage == kAverage) {
       for (int64_t q = 0; q < p; ++q) {
         for (int64_t s = 0; s < q; ++s) d[w.pair_a[q] * N + w.pair_a[s]] = d[w.pair_a[s] * N + w.pair_a[q]];
@@ -462,19 +472,17 @@ void boruvka_rounds(const T* d, int64_t N, int64_t num_merges, bool use_threshol
   std::fill(w.row_unique.begin(), w.row_unique.end(), 0);
   int64_t n = N;
   while (n > 1) {
-#pragma omp parallel for schedule(static) num_threads(w.threads) if (w.threads > 1)
-    for (int64_t i = 0; i < N; ++i) {
+    parallel_for(w.threads, N, 64, [&](int64_t i) {
       const int64_t j = w.row_column[i];
       if (j >= 0 && (!w.row_unique[i] || cluster[j] == cluster[i])) {
         bool unique;
         w.row_min[i] = masked_minimum(d + i * N, N, OtherClusters{cluster, cluster[i]}, w.row_column[i], unique);
         w.row_unique[i] = unique;
       }
-    }
+    });
     // Nearest cluster of every cluster: closest token pair, ties to the smallest rank XOR rank,
     // then to the smallest pair index.
-#pragma omp parallel for schedule(dynamic, 16) num_threads(w.threads) if (w.threads > 1)
-    for (int64_t c = 0; c < n; ++c) {
+    parallel_for(w.threads, n, 16, [&](int64_t c) {
       T best = inf;
       int64_t rows_at_best = 0, row = -1;
       for (int64_t e = w.member_start[c]; e < w.member_start[c + 1]; ++e) {
@@ -489,11 +497,11 @@ void boruvka_rounds(const T* d, int64_t N, int64_t num_merges, bool use_threshol
       }
       w.nearest_dist[c] = best;
       w.nearest[c] = c;
-      if (std::isinf(best)) continue;
+      if (std::isinf(best)) return;
       if (rows_at_best == 1 && w.row_unique[row]) {  // one token pair at that distance
         w.nearest[c] = cluster[w.row_column[row]];
         w.pair_a[c] = row * N + w.row_column[row];
-        continue;
+        return;
       }
       int64_t best_xor = std::numeric_limits<int64_t>::max(), best_pair = 0;
       for (int64_t e = w.member_start[c]; e < w.member_start[c + 1]; ++e) {
@@ -509,7 +517,7 @@ void boruvka_rounds(const T* d, int64_t N, int64_t num_merges, bool use_threshol
       }
       w.nearest[c] = c ^ best_xor;
       w.pair_a[c] = best_pair;
-    }
+    });
     T lowest_open = inf;
     for (int64_t c = 0; c < n; ++c) lowest_open = std::min(lowest_open, w.nearest_dist[c]);
     if (finished(w.edges, lowest_open, num_merges, use_threshold, threshold)) break;
