@@ -48,6 +48,7 @@ struct Workspace {
   std::vector<T> nearest_dist, size, own_height, weight_b;
   std::vector<int32_t> rank;
   std::vector<int64_t> nearest, first, slots, new_index, root, keeper, pair_a, pair_b;
+  std::vector<int32_t> merge_a, merge_b;  // complete/average: the pairs merging in a round
   std::vector<int64_t> member_start, member_fill, members;  // single: tokens of each cluster (CSR)
   std::vector<char> edge, stale, merged;
   std::vector<uint16_t> active;  // complete/average: active columns, 16 per word
@@ -346,6 +347,49 @@ bool finished(const std::vector<Edge>& edges, T lowest_open, int64_t num_merges,
   return below >= num_merges;
 }
 
+// One row x of the Lance-Williams column update: row[a_q] = max(row[a_q], row[b_q]) (complete) or
+// row[a_q] * (1 - w_q) + row[b_q] * w_q (average) for the merging pairs q < p (distinct entries).
+// Returns whether a new entry is <= nearest (x's cached nearest-neighbour distance).
+template <typename T>
+inline bool update_pair_columns(T* row, const int32_t* pair_a, const int32_t* pair_b, const T* weight_b,
+                                int64_t p, bool complete, T nearest) {
+  bool beaten = false;
+  for (int64_t q = 0; q < p; ++q) {
+    const T v = complete ? std::max(row[pair_a[q]], row[pair_b[q]])
+                         : row[pair_a[q]] * (T(1) - weight_b[q]) + row[pair_b[q]] * weight_b[q];
+    row[pair_a[q]] = v;
+    beaten |= v <= nearest;
+  }
+  return beaten;
+}
+
+#if defined(__AVX512F__)
+// float32 with AVX-512: 16 pairs at a time, gather / scatter.
+template <>
+inline bool update_pair_columns<float>(float* row, const int32_t* pair_a, const int32_t* pair_b,
+                                       const float* weight_b, int64_t p, bool complete, float nearest) {
+  __mmask16 beaten = 0;
+  for (int64_t q = 0; q < p; q += 16) {
+    const __mmask16 lanes = p - q >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (p - q)) - 1);
+    const __m512i column_a = _mm512_maskz_loadu_epi32(lanes, pair_a + q);
+    const __m512 entry_a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, column_a, row, 4);
+    const __m512 entry_b = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes,
+                                                    _mm512_maskz_loadu_epi32(lanes, pair_b + q), row, 4);
+    __m512 v;
+    if (complete) {
+      v = _mm512_max_ps(entry_a, entry_b);
+    } else {
+      const __m512 w = _mm512_maskz_loadu_ps(lanes, weight_b + q);
+      v = _mm512_add_ps(_mm512_mul_ps(entry_a, _mm512_sub_ps(_mm512_set1_ps(1.0f), w)),
+                        _mm512_mul_ps(entry_b, w));
+    }
+    _mm512_mask_i32scatter_ps(row, lanes, column_a, v, 4);
+    beaten |= _mm512_mask_cmp_ps_mask(lanes, v, _mm512_set1_ps(nearest), _CMP_LE_OQ);
+  }
+  return beaten != 0;
+}
+#endif
+
 // Complete / average linkage: RNN rounds on the uncompacted [N, N] matrix (slot = first member).
 template <typename T>
 void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_threshold,
@@ -386,13 +430,13 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
         const T height = std::max(w.nearest_dist[r], std::max(w.own_height[r], w.own_height[j]));
         w.edges.push_back({w.first[r], w.first[j], static_cast<double>(height)});
       } else {
-        w.pair_a[p] = r;
-        w.pair_b[p++] = j;
+        w.merge_a[p] = static_cast<int32_t>(r);
+        w.merge_b[p++] = static_cast<int32_t>(j);
       }
     }
     // Rows: row a = Lance-Williams(row a, row b) for every pair.
     parallel_for(w.threads, p, 1, [&](int64_t q) {
-      const int64_t a = w.pair_a[q], b = w.pair_b[q];
+      const int64_t a = w.merge_a[q], b = w.merge_b[q];
       const T size_a = w.size[a], size_b = w.size[b];
       const T wb = T(1) - size_a / (size_a + size_b), wa = T(1) - wb;
       w.weight_b[q] = wb;
@@ -414,7 +458,7 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
                                [&](int64_t r) { return w.merged[r] && w.nearest[r] < r; }),
                 slots.end());
     for (int64_t q = 0; q < p; ++q) {
-      const int64_t b = w.pair_b[q];
+      const int64_t b = w.merge_b[q];
       active_bits[b >> 4] = static_cast<uint16_t>(active_bits[b >> 4] & ~(1u << (b & 15)));
     }
     // Columns, row by row: D[x, a] = Lance-Williams(D[x, a], D[x, b]) (b is masked out). The
@@ -424,34 +468,16 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
     parallel_for(w.threads, num_active, 64, [&](int64_t i) {
       const int64_t x = slots[i];
       T* row = d + x * N;
-      const T nearest = w.nearest_dist[x];
-      const int64_t* pair_a = w.pair_a.data();
-      const int64_t* pair_b = w.pair_b.data();
-      const T* weight_b = w.weight_b.data();
-      int beaten = 0;
-      if (linkage == kComplete) {
-#pragma omp simd reduction(| : beaten)
-        for (int64_t q = 0; q < p; ++q) {  // the pairs' entries are distinct: gather / scatter
-          const T v = std::max(row[pair_a[q]], row[pair_b[q]]);
-          row[pair_a[q]] = v;
-          beaten |= v <= nearest;
-        }
-      } else {
-#pragma omp simd reduction(| : beaten)
-        for (int64_t q = 0; q < p; ++q) {
-          const T v = row[pair_a[q]] * (T(1) - weight_b[q]) + row[pair_b[q]] * weight_b[q];
-          row[pair_a[q]] = v;
-          beaten |= v <= nearest;
-        }
-      }
+      const bool beaten = update_pair_columns(row, w.merge_a.data(), w.merge_b.data(), w.weight_b.data(),
+                                              p, linkage == kComplete, w.nearest_dist[x]);
       w.stale[x] = w.stale[x] || beaten || w.merged[w.nearest[x]];
     });
     if (linkage == kAverage) {
       for (int64_t q = 0; q < p; ++q) {
-        for (int64_t s = 0; s < q; ++s) d[w.pair_a[q] * N + w.pair_a[s]] = d[w.pair_a[s] * N + w.pair_a[q]];
+        for (int64_t s = 0; s < q; ++s) d[w.merge_a[q] * N + w.merge_a[s]] = d[w.merge_a[s] * N + w.merge_a[q]];
       }
     }
-    for (int64_t q = 0; q < p; ++q) w.merged[w.pair_a[q]] = w.merged[w.pair_b[q]] = 0;
+    for (int64_t q = 0; q < p; ++q) w.merged[w.merge_a[q]] = w.merged[w.merge_b[q]] = 0;
   }
 }
 
@@ -573,6 +599,8 @@ void cluster_sample(T* d, int64_t N, const int64_t* groups, int linkage, int64_t
                                    &w.member_fill, &w.members}) {
     v->resize(N);
   }
+  w.merge_a.resize(N);
+  w.merge_b.resize(N);
   w.member_start.resize(N + 1);
   w.stale.assign(N, 1);
   w.merged.assign(N, 0);
