@@ -191,23 +191,91 @@ inline void distance_block(const T* ut, int64_t padded, int64_t C, int64_t N, in
   }
 }
 
-// Cosine distances max(1 - <u_i, u_j>, 0) of the rows of features [N, C] into d [N, N], computed
-// once per pair (upper triangle, in blocks over u^T) and mirrored, so exactly symmetric. False
-// (d undefined) if a feature is NaN or Inf.
+// Cosine distances max(1 - <u_i, u_j>, 0) from u^T [C, padded] into d [N, N], computed once per
+// pair (upper triangle, in blocks) and mirrored, so exactly symmetric.
+template <typename T>
+void distances_from_columns(const T* ut, int64_t padded, int64_t C, int64_t N, T* d, int threads) {
+  parallel_for(threads, (N + kBlockRows - 1) / kBlockRows, 2, [&](int64_t block) {
+    const int64_t i0 = block * kBlockRows;
+    int64_t j0 = (i0 + 1) / kWidth * kWidth;  // the first 16 columns holding some j > i
+    for (; j0 + kWidth < N; j0 += 2 * kWidth) distance_block<T, 2>(ut, padded, C, N, i0, j0, d);
+    if (j0 < N) distance_block<T, 1>(ut, padded, C, N, i0, j0, d);
+  });
+  mirror_upper(d, N, threads);
+}
+
+#if defined(__AVX512F__)
+// Transpose of 16 x 16 floats (r[i] holds row i) in registers.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved by element
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + c], 128-bit lane l: rows 4i .. 4i + 3 of column 4l + c
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d e = _mm512_castps_pd(t[4 * i + 2]), f = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, e));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, e));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, f));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, f));
+  }
+  for (int c = 0; c < 4; ++c) {  // gather lane l of r[c], r[4 + c], r[8 + c], r[12 + c]
+    const __m512 even_low = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);
+    const __m512 odd_low = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
+    const __m512 even_high = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 odd_high = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+    t[c] = _mm512_shuffle_f32x4(even_low, even_high, 0x88);
+    t[8 + c] = _mm512_shuffle_f32x4(even_low, even_high, 0xDD);
+    t[4 + c] = _mm512_shuffle_f32x4(odd_low, odd_high, 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(odd_low, odd_high, 0xDD);
+  }
+  std::copy(t, t + 16, r);
+}
+
+// float32 with AVX-512: 16 x 16 tiles on and above the diagonal, each stored as computed and
+// (off the diagonal) transposed in registers, so no mirror pass. The FMA chain of a pair is the
+// same whichever token is the row, so diagonal tiles are symmetric too.
+template <>
+void distances_from_columns<float>(const float* ut, int64_t padded, int64_t C, int64_t N, float* d,
+                                   int threads) {
+  const int64_t tiles = padded / 16;
+  parallel_for(threads, tiles, 1, [&](int64_t tile_row) {
+    const int64_t i0 = tile_row * 16;
+    const __mmask16 rows = N - i0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - i0)) - 1);
+    for (int64_t j0 = i0; j0 < N; j0 += 16) {
+      const __mmask16 columns = N - j0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - j0)) - 1);
+      __m512 acc[16];
+      for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < C; ++k) {
+        const __m512 t = _mm512_loadu_ps(ut + k * padded + j0);
+        const float* x = ut + k * padded + i0;  // zero past N
+        for (int r = 0; r < 16; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r]), t, acc[r]);
+      }
+      const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+      for (int r = 0; r < 16; ++r) {
+        acc[r] = _mm512_max_ps(_mm512_sub_ps(one, acc[r]), zero);
+        if (rows >> r & 1) _mm512_mask_storeu_ps(d + (i0 + r) * N + j0, columns, acc[r]);
+      }
+      if (j0 == i0) continue;
+      transpose16(acc);
+      for (int c = 0; c < 16; ++c) {
+        if (columns >> c & 1) _mm512_mask_storeu_ps(d + (j0 + c) * N + i0, rows, acc[c]);
+      }
+    }
+  });
+}
+#endif
+
+// Cosine distances max(1 - <u_i, u_j>, 0) of the rows of features [N, C] into d [N, N], exactly
+// symmetric. False (d undefined) if a feature is NaN or Inf.
 template <typename T>
 bool cosine_distances(const T* features, int64_t N, int64_t C, T* d, Workspace<T>& w) {
   const int64_t padded = (N + kWidth - 1) / kWidth * kWidth;
   w.transposed.resize(C * padded);
   w.inverse_norm.resize(N);
   if (!unit_columns(features, N, C, padded, w.transposed.data(), w.inverse_norm.data())) return false;
-  const T* ut = w.transposed.data();
-  parallel_for(w.threads, (N + kBlockRows - 1) / kBlockRows, 2, [&](int64_t block) {
-    const int64_t i0 = block * kBlockRows;
-    int64_t j0 = (i0 + 1) / kWidth * kWidth;  // the first 16 columns holding some j > i
-    for (; j0 + kWidth < N; j0 += 2 * kWidth) distance_block<T, 2>(ut, padded, C, N, i0, j0, d);
-    if (j0 < N) distance_block<T, 1>(ut, padded, C, N, i0, j0, d);
-  });
-  mirror_upper(d, N, w.threads);
+  distances_from_columns(w.transposed.data(), padded, C, N, d, w.threads);
   return true;
 }
 
