@@ -110,26 +110,6 @@ void transpose_scaled(const T* features, int64_t N, int64_t C, int64_t padded, c
   }
 }
 
-#if defined(__AVX512F__)
-// float32 with AVX-512 (padded: N rounded up to 16): 16 rows at a time, gathered per column.
-template <>
-void transpose_scaled<float>(const float* features, int64_t N, int64_t C, int64_t padded,
-                             const float* scale, float* transposed) {
-  const __m512i offsets = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int32_t>(C)));
-  for (int64_t i0 = 0; i0 < padded; i0 += 16) {
-    const __mmask16 rows = N - i0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - i0)) - 1);
-    const __m512 row_scale = _mm512_maskz_loadu_ps(rows, scale + i0);
-    const float* block = features + i0 * C;
-    for (int64_t k = 0; k < C; ++k) {
-      const __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), rows, offsets, block + k, 4);
-      _mm512_storeu_ps(transposed + k * padded + i0, _mm512_mul_ps(x, row_scale));
-    }
-  }
-}
-#endif
-
 // Unit features u = features / max(|features|, 1e-12) (as torch's normalize, up to rounding: the
 // kernel multiplies by the reciprocal) of features [N, C], transposed into u^T [C, padded] (zero
 // columns past N), with inverse_norm [N] as workspace. False if a value is NaN or Inf.
@@ -151,6 +131,70 @@ bool unit_columns(const T* features, int64_t N, int64_t C, int64_t padded, T* tr
   transpose_scaled(features, N, C, padded, inverse_norm, transposed);
   return true;
 }
+
+#if defined(__AVX512F__)
+// Transpose of 16 x 16 floats (r[i] holds row i) in registers.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved by element
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + c], 128-bit lane l: rows 4i .. 4i + 3 of column 4l + c
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d e = _mm512_castps_pd(t[4 * i + 2]), f = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, e));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, e));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, f));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, f));
+  }
+  for (int c = 0; c < 4; ++c) {  // gather lane l of r[c], r[4 + c], r[8 + c], r[12 + c]
+    const __m512 even_low = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);
+    const __m512 odd_low = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
+    const __m512 even_high = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 odd_high = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+    t[c] = _mm512_shuffle_f32x4(even_low, even_high, 0x88);
+    t[8 + c] = _mm512_shuffle_f32x4(even_low, even_high, 0xDD);
+    t[4 + c] = _mm512_shuffle_f32x4(odd_low, odd_high, 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(odd_low, odd_high, 0xDD);
+  }
+  std::copy(t, t + 16, r);
+}
+
+// float32 with AVX-512: blocks of 16 tokens x 16 features transposed in registers; the squared
+// norms and the NaN/Inf check then run 16 tokens per vector, and the block of u^T is scaled.
+template <>
+bool unit_columns<float>(const float* features, int64_t N, int64_t C, int64_t padded, float* transposed,
+                         float*) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t i0 = 0; i0 < padded; i0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, N - i0);
+    __m512 squares = zero;
+    __mmask16 finite = 0xFFFF;
+    for (int64_t k0 = 0; k0 < C; k0 += 16) {
+      const __mmask16 columns = C - k0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (C - k0)) - 1);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        r[i] = i < rows ? _mm512_maskz_loadu_ps(columns, features + (i0 + i) * C + k0) : zero;
+      }
+      transpose16(r);  // r[c]: feature k0 + c of tokens i0 .. i0 + 15 (zero past N)
+      for (int64_t c = 0; c < std::min<int64_t>(16, C - k0); ++c) {
+        squares = _mm512_fmadd_ps(r[c], r[c], squares);
+        finite &= _mm512_cmp_ps_mask(_mm512_mul_ps(r[c], zero), zero, _CMP_EQ_OQ);  // not NaN / Inf
+        _mm512_storeu_ps(transposed + (k0 + c) * padded + i0, r[c]);
+      }
+    }
+    if (finite != 0xFFFF) return false;
+    const __m512 inverse = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                         _mm512_max_ps(_mm512_sqrt_ps(squares), _mm512_set1_ps(1e-12f)));
+    for (int64_t k = 0; k < C; ++k) {
+      float* column = transposed + k * padded + i0;
+      _mm512_storeu_ps(column, _mm512_mul_ps(_mm512_loadu_ps(column), inverse));
+    }
+  }
+  return true;
+}
+#endif
 
 constexpr int64_t kBlockRows = 8, kWidth = 16;  // distance blocks: 8 rows x (1 or 2) x 16 columns
 
@@ -205,34 +249,6 @@ void distances_from_columns(const T* ut, int64_t padded, int64_t C, int64_t N, T
 }
 
 #if defined(__AVX512F__)
-// Transpose of 16 x 16 floats (r[i] holds row i) in registers.
-inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved by element
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // r[4i + c], 128-bit lane l: rows 4i .. 4i + 3 of column 4l + c
-    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
-    const __m512d e = _mm512_castps_pd(t[4 * i + 2]), f = _mm512_castps_pd(t[4 * i + 3]);
-    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, e));
-    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, e));
-    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, f));
-    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, f));
-  }
-  for (int c = 0; c < 4; ++c) {  // gather lane l of r[c], r[4 + c], r[8 + c], r[12 + c]
-    const __m512 even_low = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);
-    const __m512 odd_low = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
-    const __m512 even_high = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
-    const __m512 odd_high = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
-    t[c] = _mm512_shuffle_f32x4(even_low, even_high, 0x88);
-    t[8 + c] = _mm512_shuffle_f32x4(even_low, even_high, 0xDD);
-    t[4 + c] = _mm512_shuffle_f32x4(odd_low, odd_high, 0x88);
-    t[12 + c] = _mm512_shuffle_f32x4(odd_low, odd_high, 0xDD);
-  }
-  std::copy(t, t + 16, r);
-}
-
 // float32 with AVX-512: 16 x 16 tiles on and above the diagonal, each stored as computed and
 // (off the diagonal) transposed in registers, so no mirror pass. The FMA chain of a pair is the
 // same whichever token is the row, so diagonal tiles are symmetric too.
