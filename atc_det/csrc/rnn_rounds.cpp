@@ -48,7 +48,7 @@ struct Workspace {
   std::vector<T> nearest_dist, size, own_height, weight_b;
   std::vector<int32_t> rank;
   std::vector<int64_t> nearest, first, slots, new_index, root, keeper, pair_a, pair_b;
-  std::vector<int32_t> merge_a, merge_b;  // complete/average: the pairs merging in a round
+  std::vector<int32_t> merge_a, merge_b, absorbed;  // complete/average: the pairs merging in a round
   std::vector<int64_t> member_start, member_fill, members;  // single: tokens of each cluster (CSR)
   std::vector<char> edge, stale, merged;
   std::vector<uint16_t> active;  // complete/average: active columns, 16 per word
@@ -504,19 +504,23 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
     for (const int64_t r : slots) lowest_open = std::min(lowest_open, w.nearest_dist[r]);
     if (finished(w.edges, lowest_open, num_merges, use_threshold, threshold)) break;
     // Mutual pairs (a < b), in rank order of a; b's edge is recorded (in rank order of b, as
-    // the torch path orders them), a keeps the union.
-    int64_t p = 0;
+    // the torch path orders them), a keeps the union. (Branch-free: mutual pairs are sparse and
+    // irregular.)
+    int64_t p = 0, num_b = 0;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t r = slots[i], j = w.nearest[r];
-      if (j == r || w.nearest[j] != r) continue;
-      if (j < r) {
-        // Heights made monotone: never below the merges that formed the two clusters.
-        const T height = std::max(w.nearest_dist[r], std::max(w.own_height[r], w.own_height[j]));
-        w.edges.push_back({w.first[r], w.first[j], static_cast<double>(height)});
-      } else {
-        w.merge_a[p] = static_cast<int32_t>(r);
-        w.merge_b[p++] = static_cast<int32_t>(j);
-      }
+      const bool mutual = j != r && w.nearest[j] == r;
+      w.merge_a[p] = static_cast<int32_t>(r);
+      w.merge_b[p] = static_cast<int32_t>(j);
+      p += mutual && r < j;
+      w.absorbed[num_b] = static_cast<int32_t>(r);
+      num_b += mutual && j < r;
+    }
+    for (int64_t q = 0; q < num_b; ++q) {
+      const int64_t r = w.absorbed[q], j = w.nearest[r];
+      // Heights made monotone: never below the merges that formed the two clusters.
+      const T height = std::max(w.nearest_dist[r], std::max(w.own_height[r], w.own_height[j]));
+      w.edges.push_back({w.first[r], w.first[j], static_cast<double>(height)});
     }
     // Rows: row a = Lance-Williams(row a, row b) for every pair.
     parallel_for(w.threads, p, 1, [&](int64_t q) {
@@ -538,9 +542,13 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
       w.merged[a] = w.merged[b] = 1;
       w.stale[a] = 1;
     });
-    slots.erase(std::remove_if(slots.begin(), slots.end(),  // the absorbed b of every pair
-                               [&](int64_t r) { return w.merged[r] && w.nearest[r] < r; }),
-                slots.end());
+    int64_t kept = 0;  // drop the absorbed b of every pair
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = slots[i];
+      slots[kept] = r;
+      kept += !(w.merged[r] && w.nearest[r] < r);
+    }
+    slots.resize(kept);
     for (int64_t q = 0; q < p; ++q) {
       const int64_t b = w.merge_b[q];
       active_bits[b >> 4] = static_cast<uint16_t>(active_bits[b >> 4] & ~(1u << (b & 15)));
@@ -685,6 +693,7 @@ void cluster_sample(T* d, int64_t N, const int64_t* groups, int linkage, int64_t
   }
   w.merge_a.resize(N);
   w.merge_b.resize(N);
+  w.absorbed.resize(N);
   w.member_start.resize(N + 1);
   w.stale.assign(N, 1);
   w.merged.assign(N, 0);
