@@ -38,7 +38,7 @@ struct Edge {
 
 template <typename T>
 struct Workspace {
-  std::vector<T> matrix;       // [N, N] distances of a sample given as features
+  std::vector<T> matrix;       // [N, ld] distances of a sample given as features (+ alignment)
   std::vector<T> transposed;   // [C, N rounded up to 16] its unit features, transposed
   std::vector<T> inverse_norm;  // [N]
   std::vector<T> row_min;      // single: [N] each token's row minimum over the other clusters,
@@ -70,15 +70,15 @@ inline void parallel_for(int threads, int64_t n, int64_t chunk, const Body& body
   for (int64_t i = 0; i < n; ++i) body(i);
 }
 
-// Copy the upper triangle of d [N, N] onto the lower one (32 x 32 tiles through L1).
+// Copy the upper triangle of d [N, N] (row stride ld) onto the lower one (32 x 32 tiles through L1).
 template <typename T>
-void mirror_upper(T* d, int64_t N, int threads) {
+void mirror_upper(T* d, int64_t N, int64_t ld, int threads) {
   constexpr int64_t kTile = 32;
   parallel_for(threads, (N + kTile - 1) / kTile, 1, [&](int64_t tile) {
     const int64_t ib = tile * kTile;
     for (int64_t jb = ib; jb < N; jb += kTile) {
       for (int64_t j = jb; j < std::min(jb + kTile, N); ++j) {
-        for (int64_t i = ib; i < std::min({ib + kTile, N, j}); ++i) d[j * N + i] = d[i * N + j];
+        for (int64_t i = ib; i < std::min({ib + kTile, N, j}); ++i) d[j * ld + i] = d[i * ld + j];
       }
     }
   });
@@ -86,10 +86,10 @@ void mirror_upper(T* d, int64_t N, int threads) {
 
 // Distances to cluster: +inf on the diagonal and between tokens of different groups.
 template <typename T>
-void mask_distances(T* d, int64_t N, const int64_t* groups) {
+void mask_distances(T* d, int64_t N, int64_t ld, const int64_t* groups) {
   const T inf = std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < N; ++i) {
-    T* row = d + i * N;
+    T* row = d + i * ld;
     if (groups != nullptr) {
       const int64_t group_i = groups[i];
 #pragma omp simd
@@ -199,10 +199,10 @@ bool unit_columns<float>(const float* features, int64_t N, int64_t C, int64_t pa
 constexpr int64_t kBlockRows = 8, kWidth = 16;  // distance blocks: 8 rows x (1 or 2) x 16 columns
 
 // Cosine distances of rows i0.. i0 + 7 and columns j0 .. j0 + 16 * V - 1 from u^T [C, padded]
-// into the upper triangle of d [N, N] (entries j > i and j < N only).
+// into the upper triangle of d [N, N] (row stride ld; entries j > i and j < N only).
 template <typename T, int V>
 inline void distance_block(const T* ut, int64_t padded, int64_t C, int64_t N, int64_t i0, int64_t j0,
-                           T* d) {
+                           T* d, int64_t ld) {
   typedef T Vec __attribute__((vector_size(kWidth * sizeof(T))));
   Vec acc[kBlockRows][V] = {};
   for (int64_t k = 0; k < C; ++k) {
@@ -225,27 +225,28 @@ inline void distance_block(const T* ut, int64_t padded, int64_t C, int64_t N, in
       v = v < zero ? zero : v;
       const T* values = reinterpret_cast<const T*>(&v);
       if (j > i && j + kWidth <= N) {  // the whole vector lies in the upper triangle
-        std::copy(values, values + kWidth, d + i * N + j);
+        std::copy(values, values + kWidth, d + i * ld + j);
       } else {
         for (int64_t jj = std::max<int64_t>(0, i + 1 - j); jj < std::min(kWidth, N - j); ++jj) {
-          d[i * N + j + jj] = values[jj];
+          d[i * ld + j + jj] = values[jj];
         }
       }
     }
   }
 }
 
-// Cosine distances max(1 - <u_i, u_j>, 0) from u^T [C, padded] into d [N, N], computed once per
-// pair (upper triangle, in blocks) and mirrored, so exactly symmetric.
+// Cosine distances max(1 - <u_i, u_j>, 0) from u^T [C, padded] into d [N, N] (row stride ld),
+// computed once per pair (upper triangle, in blocks) and mirrored, so exactly symmetric.
 template <typename T>
-void distances_from_columns(const T* ut, int64_t padded, int64_t C, int64_t N, T* d, int threads) {
+void distances_from_columns(const T* ut, int64_t padded, int64_t C, int64_t N, T* d, int64_t ld,
+                            int threads) {
   parallel_for(threads, (N + kBlockRows - 1) / kBlockRows, 2, [&](int64_t block) {
     const int64_t i0 = block * kBlockRows;
     int64_t j0 = (i0 + 1) / kWidth * kWidth;  // the first 16 columns holding some j > i
-    for (; j0 + kWidth < N; j0 += 2 * kWidth) distance_block<T, 2>(ut, padded, C, N, i0, j0, d);
-    if (j0 < N) distance_block<T, 1>(ut, padded, C, N, i0, j0, d);
+    for (; j0 + kWidth < N; j0 += 2 * kWidth) distance_block<T, 2>(ut, padded, C, N, i0, j0, d, ld);
+    if (j0 < N) distance_block<T, 1>(ut, padded, C, N, i0, j0, d, ld);
   });
-  mirror_upper(d, N, threads);
+  mirror_upper(d, N, ld, threads);
 }
 
 #if defined(__AVX512F__)
@@ -254,7 +255,7 @@ void distances_from_columns(const T* ut, int64_t padded, int64_t C, int64_t N, T
 // same whichever token is the row, so diagonal tiles are symmetric too.
 template <>
 void distances_from_columns<float>(const float* ut, int64_t padded, int64_t C, int64_t N, float* d,
-                                   int threads) {
+                                   int64_t ld, int threads) {
   const int64_t tiles = padded / 16;
   parallel_for(threads, tiles, 1, [&](int64_t tile_row) {
     const int64_t i0 = tile_row * 16;
@@ -271,27 +272,27 @@ void distances_from_columns<float>(const float* ut, int64_t padded, int64_t C, i
       const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
       for (int r = 0; r < 16; ++r) {
         acc[r] = _mm512_max_ps(_mm512_sub_ps(one, acc[r]), zero);
-        if (rows >> r & 1) _mm512_mask_storeu_ps(d + (i0 + r) * N + j0, columns, acc[r]);
+        if (rows >> r & 1) _mm512_mask_storeu_ps(d + (i0 + r) * ld + j0, columns, acc[r]);
       }
       if (j0 == i0) continue;
       transpose16(acc);
       for (int c = 0; c < 16; ++c) {
-        if (columns >> c & 1) _mm512_mask_storeu_ps(d + (j0 + c) * N + i0, rows, acc[c]);
+        if (columns >> c & 1) _mm512_mask_storeu_ps(d + (j0 + c) * ld + i0, rows, acc[c]);
       }
     }
   });
 }
 #endif
 
-// Cosine distances max(1 - <u_i, u_j>, 0) of the rows of features [N, C] into d [N, N], exactly
-// symmetric. False (d undefined) if a feature is NaN or Inf.
+// Cosine distances max(1 - <u_i, u_j>, 0) of the rows of features [N, C] into d [N, N] (row
+// stride ld), exactly symmetric. False (d undefined) if a feature is NaN or Inf.
 template <typename T>
-bool cosine_distances(const T* features, int64_t N, int64_t C, T* d, Workspace<T>& w) {
+bool cosine_distances(const T* features, int64_t N, int64_t C, T* d, int64_t ld, Workspace<T>& w) {
   const int64_t padded = (N + kWidth - 1) / kWidth * kWidth;
   w.transposed.resize(C * padded);
   w.inverse_norm.resize(N);
   if (!unit_columns(features, N, C, padded, w.transposed.data(), w.inverse_norm.data())) return false;
-  distances_from_columns(w.transposed.data(), padded, C, N, d, w.threads);
+  distances_from_columns(w.transposed.data(), padded, C, N, d, ld, w.threads);
   return true;
 }
 
@@ -474,9 +475,10 @@ inline bool update_pair_columns<float>(float* row, const int32_t* pair_a, const 
 }
 #endif
 
-// Complete / average linkage: RNN rounds on the uncompacted [N, N] matrix (slot = first member).
+// Complete / average linkage: RNN rounds on the uncompacted [N, N] matrix (row stride ld; slot =
+// first member).
 template <typename T>
-void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_threshold,
+void rnn_pair_rounds(T* d, int64_t N, int64_t ld, int linkage, int64_t num_merges, bool use_threshold,
                      T threshold, Workspace<T>& w) {
   const T inf = std::numeric_limits<T>::infinity();
   std::vector<int64_t>& slots = w.slots;  // active slots, ascending (= rank order)
@@ -496,7 +498,7 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
       const int64_t r = slots[i];
       if (w.stale[r]) {
         int32_t nearest_rank;
-        w.stale[r] = !nearest_neighbour(d + r * N, active, N, rank[r], rank, w.nearest_dist[r], nearest_rank);
+        w.stale[r] = !nearest_neighbour(d + r * ld, active, N, rank[r], rank, w.nearest_dist[r], nearest_rank);
         w.nearest[r] = slots[nearest_rank];
       }
     });
@@ -530,8 +532,8 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
       w.weight_b[q] = wb;
       w.own_height[a] = std::max(w.nearest_dist[a], std::max(w.own_height[a], w.own_height[b]));
       w.size[a] = size_a + size_b;
-      T* ra = d + a * N;
-      const T* rb = d + b * N;
+      T* ra = d + a * ld;
+      const T* rb = d + b * ld;
       if (linkage == kComplete) {
 #pragma omp simd
         for (int64_t c = 0; c < N; ++c) ra[c] = std::max(ra[c], rb[c]);
@@ -559,14 +561,14 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
     const int64_t num_active = static_cast<int64_t>(slots.size());
     parallel_for(w.threads, num_active, 64, [&](int64_t i) {
       const int64_t x = slots[i];
-      T* row = d + x * N;
+      T* row = d + x * ld;
       const bool beaten = update_pair_columns(row, w.merge_a.data(), w.merge_b.data(), w.weight_b.data(),
                                               p, linkage == kComplete, w.nearest_dist[x]);
       w.stale[x] = w.stale[x] || beaten || w.merged[w.nearest[x]];
     });
     if (linkage == kAverage) {
       for (int64_t q = 0; q < p; ++q) {
-        for (int64_t s = 0; s < q; ++s) d[w.merge_a[q] * N + w.merge_a[s]] = d[w.merge_a[s] * N + w.merge_a[q]];
+        for (int64_t s = 0; s < q; ++s) d[w.merge_a[q] * ld + w.merge_a[s]] = d[w.merge_a[s] * ld + w.merge_a[q]];
       }
     }
     for (int64_t q = 0; q < p; ++q) w.merged[w.merge_a[q]] = w.merged[w.merge_b[q]] = 0;
@@ -579,7 +581,7 @@ void rnn_pair_rounds(T* d, int64_t N, int linkage, int64_t num_merges, bool use_
 // matrix. A token's row minimum over the other clusters is rescanned only when the column that
 // attained it joined the token's cluster (or it was attained more than once).
 template <typename T>
-void boruvka_rounds(const T* d, int64_t N, int64_t num_merges, bool use_threshold, T threshold,
+void boruvka_rounds(const T* d, int64_t N, int64_t ld, int64_t num_merges, bool use_threshold, T threshold,
                     Workspace<T>& w) {
   const T inf = std::numeric_limits<T>::infinity();
   int32_t* cluster = w.cluster.data();
@@ -594,7 +596,7 @@ void boruvka_rounds(const T* d, int64_t N, int64_t num_merges, bool use_threshol
       const int64_t j = w.row_column[i];
       if (j >= 0 && (!w.row_unique[i] || cluster[j] == cluster[i])) {
         bool unique;
-        w.row_min[i] = masked_minimum(d + i * N, N, OtherClusters{cluster, cluster[i]}, w.row_column[i], unique);
+        w.row_min[i] = masked_minimum(d + i * ld, N, OtherClusters{cluster, cluster[i]}, w.row_column[i], unique);
         w.row_unique[i] = unique;
       }
     });
@@ -625,7 +627,7 @@ void boruvka_rounds(const T* d, int64_t N, int64_t num_merges, bool use_threshol
       for (int64_t e = w.member_start[c]; e < w.member_start[c + 1]; ++e) {
         const int64_t i = w.members[e];
         if (w.row_min[i] != best) continue;
-        for_each_equal(d + i * N, N, best, OtherClusters{cluster, static_cast<int32_t>(c)}, [&](int64_t j) {
+        for_each_equal(d + i * ld, N, best, OtherClusters{cluster, static_cast<int32_t>(c)}, [&](int64_t j) {
           const int64_t x = c ^ cluster[j], pair = i * N + j;
           if (x < best_xor || (x == best_xor && pair < best_pair)) {
             best_xor = x;
@@ -672,9 +674,9 @@ void boruvka_rounds(const T* d, int64_t N, int64_t num_merges, bool use_threshol
 }
 
 template <typename T>
-void cluster_sample(T* d, int64_t N, const int64_t* groups, int linkage, int64_t num_merges,
+void cluster_sample(T* d, int64_t N, int64_t ld, const int64_t* groups, int linkage, int64_t num_merges,
                     bool use_threshold, T threshold, int64_t* labels, Workspace<T>& w) {
-  mask_distances(d, N, groups);
+  mask_distances(d, N, ld, groups);
   w.nearest_dist.resize(N);
   w.size.assign(N, T(1));
   w.own_height.assign(N, -std::numeric_limits<T>::infinity());
@@ -700,9 +702,9 @@ void cluster_sample(T* d, int64_t N, const int64_t* groups, int linkage, int64_t
   w.edge.resize(N);
   w.edges.clear();
   if (linkage == kSingle) {
-    boruvka_rounds(d, N, num_merges, use_threshold, threshold, w);
+    boruvka_rounds(d, N, ld, num_merges, use_threshold, threshold, w);
   } else {
-    rnn_pair_rounds(d, N, linkage, num_merges, use_threshold, threshold, w);
+    rnn_pair_rounds(d, N, ld, linkage, num_merges, use_threshold, threshold, w);
   }
 
   // The cut: the lowest edges by (height, position) (edges are in (round, rank) order), in any
@@ -767,16 +769,22 @@ int cluster_batch(T* distances, const T* features, int64_t B, int64_t N, int64_t
 #pragma omp for schedule(dynamic)
     for (int64_t b = 0; b < B; ++b) {
       T* d = distances + b * N * N;
+      int64_t ld = N;
       if (features != nullptr) {
-        w.matrix.resize(N * N);
+        // Rows padded to whole 64-byte lines and aligned to one: no scan load or row store
+        // straddles two cache lines.
+        ld = (N + kWidth - 1) / kWidth * kWidth;
+        constexpr int64_t kAlign = 64 / sizeof(T);
+        w.matrix.resize(N * ld + kAlign);
         d = w.matrix.data();
-        if (!cosine_distances(features + b * N * C, N, C, d, w)) {
+        d += (kAlign - reinterpret_cast<uintptr_t>(d) / sizeof(T) % kAlign) % kAlign;
+        if (!cosine_distances(features + b * N * C, N, C, d, ld, w)) {
 #pragma omp atomic write
           status = 2;
           continue;
         }
       }
-      cluster_sample<T>(d, N, groups == nullptr ? nullptr : groups + b * N, linkage, num_merges,
+      cluster_sample<T>(d, N, ld, groups == nullptr ? nullptr : groups + b * N, linkage, num_merges,
                         use_threshold != 0, static_cast<T>(threshold), labels + b * N, w);
     }
   }
