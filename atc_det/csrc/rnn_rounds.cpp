@@ -5,7 +5,8 @@
 //
 // Per sample (N tokens):
 //   1. distances [N, N]: given (symmetric), or cosine distances max(1 - <u_i, u_j>, 0) of the
-//      features, normalised here (upper triangle, mirrored); +inf on the diagonal and between
+//      features, normalised here, computed once per pair (tiles on and above the diagonal, also
+//      stored transposed) into rows padded to whole cache lines; +inf on the diagonal and between
 //      tokens of different groups.
 //   2. rounds: every cluster finds its nearest neighbour (ties: smallest rank XOR rank, clusters
 //      ranked by first member).
