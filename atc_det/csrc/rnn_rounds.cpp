@@ -48,7 +48,8 @@ struct Workspace {
   std::vector<int32_t> cluster;     // single: cluster of each token
   std::vector<T> nearest_dist, size, own_height, weight_b;
   std::vector<int32_t> rank;
-  std::vector<int64_t> nearest, first, slots, new_index, root, keeper, pair_a, pair_b;
+  std::vector<int64_t> nearest, first, slots, new_index, root, keeper;
+  std::vector<int64_t> edge_pair;  // single: token pair i * N + j of each cluster's nearest edge
   std::vector<int32_t> merge_a, merge_b, absorbed;  // complete/average: the pairs merging in a round
   std::vector<int64_t> member_start, member_fill, members;  // single: tokens of each cluster (CSR)
   std::vector<char> edge, stale, merged;
@@ -621,7 +622,7 @@ void boruvka_rounds(const T* d, int64_t N, int64_t ld, int64_t num_merges, bool 
       if (std::isinf(best)) return;
       if (rows_at_best == 1 && w.row_unique[row]) {  // one token pair at that distance
         w.nearest[c] = cluster[w.row_column[row]];
-        w.pair_a[c] = row * N + w.row_column[row];
+        w.edge_pair[c] = row * N + w.row_column[row];
         return;
       }
       int64_t best_xor = std::numeric_limits<int64_t>::max(), best_pair = 0;
@@ -637,7 +638,7 @@ void boruvka_rounds(const T* d, int64_t N, int64_t ld, int64_t num_merges, bool 
         });
       }
       w.nearest[c] = c ^ best_xor;
-      w.pair_a[c] = best_pair;
+      w.edge_pair[c] = best_pair;
     });
     T lowest_open = inf;
     for (int64_t c = 0; c < n; ++c) lowest_open = std::min(lowest_open, w.nearest_dist[c]);
@@ -648,7 +649,7 @@ void boruvka_rounds(const T* d, int64_t N, int64_t ld, int64_t num_merges, bool 
       const bool mutual = j != c && w.nearest[j] == c;
       w.edge[c] = !std::isinf(w.nearest_dist[c]) && !(mutual && j > c);
       if (w.edge[c]) {
-        w.edges.push_back({w.pair_a[c] / N, w.pair_a[c] % N, static_cast<double>(w.nearest_dist[c])});
+        w.edges.push_back({w.edge_pair[c] / N, w.edge_pair[c] % N, static_cast<double>(w.nearest_dist[c])});
       }
     }
     // Trees of the edges (a forest under the tie rule), numbered by their lowest rank.
@@ -690,7 +691,7 @@ void cluster_sample(T* d, int64_t N, int64_t ld, const int64_t* groups, int link
   w.row_column.resize(N);
   w.row_unique.resize(N);
   w.cluster.resize(N);
-  for (std::vector<int64_t>* v : {&w.new_index, &w.root, &w.keeper, &w.pair_a, &w.pair_b,
+  for (std::vector<int64_t>* v : {&w.new_index, &w.root, &w.keeper, &w.edge_pair,
                                    &w.member_fill, &w.members}) {
     v->resize(N);
   }
