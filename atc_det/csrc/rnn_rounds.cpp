@@ -72,19 +72,17 @@ inline void parallel_for(int threads, int64_t n, int64_t chunk, const Body& body
   for (int64_t i = 0; i < n; ++i) body(i);
 }
 
-// Copy the upper triangle of d [N, N] (row stride ld) onto the lower one (32 x 32 tiles through L1).
-template <typename T>
-void mirror_upper(T* d, int64_t N, int64_t ld, int threads) {
-  constexpr int64_t kTile = 32;
-  parallel_for(threads, (N + kTile - 1) / kTile, 1, [&](int64_t tile) {
-    const int64_t ib = tile * kTile;
-    for (int64_t jb = ib; jb < N; jb += kTile) {
-      for (int64_t j = jb; j < std::min(jb + kTile, N); ++j) {
-        for (int64_t i = ib; i < std::min({ib + kTile, N, j}); ++i) d[j * ld + i] = d[i * ld + j];
-      }
-    }
-  });
+constexpr int64_t kMaxTokens = 65535;  // atc_det.native.MAX_TOKENS
+constexpr int64_t kTile = 16;  // distance tiles are kTile x kTile; matrix rows are padded to kTile
+
+inline int64_t round_up_to_tile(int64_t n) { return (n + kTile - 1) / kTile * kTile; }
+
+#if defined(__AVX512F__)
+// The first min(count, 16) of 16 lanes.
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(count, 0)) - 1);
 }
+#endif
 
 // Distances to cluster: +inf on the diagonal and between tokens of different groups.
 template <typename T>
@@ -174,7 +172,7 @@ bool unit_columns<float>(const float* features, int64_t N, int64_t C, int64_t pa
     __m512 squares = zero;
     __mmask16 finite = 0xFFFF;
     for (int64_t k0 = 0; k0 < C; k0 += 16) {
-      const __mmask16 columns = C - k0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (C - k0)) - 1);
+      const __mmask16 columns = first_lanes(C - k0);
       __m512 r[16];
       for (int i = 0; i < 16; ++i) {
         r[i] = i < rows ? _mm512_maskz_loadu_ps(columns, features + (i0 + i) * C + k0) : zero;
@@ -198,99 +196,77 @@ bool unit_columns<float>(const float* features, int64_t N, int64_t C, int64_t pa
 }
 #endif
 
-constexpr int64_t kBlockRows = 8, kWidth = 16;  // distance blocks: 8 rows x (1 or 2) x 16 columns
-
-// Cosine distances of rows i0.. i0 + 7 and columns j0 .. j0 + 16 * V - 1 from u^T [C, padded]
-// into the upper triangle of d [N, N] (row stride ld; entries j > i and j < N only).
-template <typename T, int V>
-inline void distance_block(const T* ut, int64_t padded, int64_t C, int64_t N, int64_t i0, int64_t j0,
-                           T* d, int64_t ld) {
-  typedef T Vec __attribute__((vector_size(kWidth * sizeof(T))));
-  Vec acc[kBlockRows][V] = {};
+// Cosine distances max(1 - <u_i, u_j>, 0) of tokens i0 .. i0 + 15 and j0 .. j0 + 15 (j0 >= i0)
+// from u^T [C, padded], stored at d[i, j] and, off the diagonal tile, at d[j, i] (row stride ld;
+// entries < N only). A pair's FMA chain is the same whichever token is the row, so a tile on the
+// diagonal is symmetric too.
+template <typename T>
+inline void distance_tile(const T* ut, int64_t padded, int64_t C, int64_t N, int64_t i0, int64_t j0,
+                          T* d, int64_t ld) {
+  typedef T Vec __attribute__((vector_size(kTile * sizeof(T))));
+  Vec acc[kTile] = {};
   for (int64_t k = 0; k < C; ++k) {
-    Vec t[V];
-    for (int h = 0; h < V; ++h) {
-      std::copy(ut + k * padded + j0 + h * kWidth, ut + k * padded + j0 + (h + 1) * kWidth,
-                reinterpret_cast<T*>(&t[h]));
-    }
-    for (int64_t r = 0; r < kBlockRows; ++r) {
-      const T x = ut[k * padded + i0 + r];  // zero past N
-      for (int h = 0; h < V; ++h) acc[r][h] += x * t[h];
-    }
+    Vec t;
+    std::copy(ut + k * padded + j0, ut + k * padded + j0 + kTile, reinterpret_cast<T*>(&t));
+    for (int64_t r = 0; r < kTile; ++r) acc[r] += ut[k * padded + i0 + r] * t;  // zero past N
   }
   const Vec zero = {};
-  for (int64_t r = 0; r < kBlockRows && i0 + r < N; ++r) {
-    const int64_t i = i0 + r;
-    for (int h = 0; h < V; ++h) {
-      const int64_t j = j0 + h * kWidth;
-      Vec v = 1 - acc[r][h];
-      v = v < zero ? zero : v;
-      const T* values = reinterpret_cast<const T*>(&v);
-      if (j > i && j + kWidth <= N) {  // the whole vector lies in the upper triangle
-        std::copy(values, values + kWidth, d + i * ld + j);
-      } else {
-        for (int64_t jj = std::max<int64_t>(0, i + 1 - j); jj < std::min(kWidth, N - j); ++jj) {
-          d[i * ld + j + jj] = values[jj];
-        }
-      }
-    }
+  for (Vec& v : acc) {
+    v = 1 - v;
+    v = v < zero ? zero : v;
   }
-}
-
-// Cosine distances max(1 - <u_i, u_j>, 0) from u^T [C, padded] into d [N, N] (row stride ld),
-// computed once per pair (upper triangle, in blocks) and mirrored, so exactly symmetric.
-template <typename T>
-void distances_from_columns(const T* ut, int64_t padded, int64_t C, int64_t N, T* d, int64_t ld,
-                            int threads) {
-  parallel_for(threads, (N + kBlockRows - 1) / kBlockRows, 2, [&](int64_t block) {
-    const int64_t i0 = block * kBlockRows;
-    int64_t j0 = (i0 + 1) / kWidth * kWidth;  // the first 16 columns holding some j > i
-    for (; j0 + kWidth < N; j0 += 2 * kWidth) distance_block<T, 2>(ut, padded, C, N, i0, j0, d, ld);
-    if (j0 < N) distance_block<T, 1>(ut, padded, C, N, i0, j0, d, ld);
-  });
-  mirror_upper(d, N, ld, threads);
+  const T(*tile)[kTile] = reinterpret_cast<const T(*)[kTile]>(acc);
+  const int64_t rows = std::min(kTile, N - i0), columns = std::min(kTile, N - j0);
+  for (int64_t r = 0; r < rows; ++r) std::copy(tile[r], tile[r] + columns, d + (i0 + r) * ld + j0);
+  if (j0 == i0) return;
+  for (int64_t c = 0; c < columns; ++c) {
+    for (int64_t r = 0; r < rows; ++r) d[(j0 + c) * ld + i0 + r] = tile[r][c];
+  }
 }
 
 #if defined(__AVX512F__)
-// float32 with AVX-512: 16 x 16 tiles on and above the diagonal, each stored as computed and
-// (off the diagonal) transposed in registers, so no mirror pass. The FMA chain of a pair is the
-// same whichever token is the row, so diagonal tiles are symmetric too.
+// float32 with AVX-512: the tile in 16 registers, transposed in registers for the store below
+// the diagonal.
 template <>
-void distances_from_columns<float>(const float* ut, int64_t padded, int64_t C, int64_t N, float* d,
-                                   int64_t ld, int threads) {
-  const int64_t tiles = padded / 16;
-  parallel_for(threads, tiles, 1, [&](int64_t tile_row) {
-    const int64_t i0 = tile_row * 16;
-    const __mmask16 rows = N - i0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - i0)) - 1);
-    for (int64_t j0 = i0; j0 < N; j0 += 16) {
-      const __mmask16 columns = N - j0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - j0)) - 1);
-      __m512 acc[16];
-      for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < C; ++k) {
-        const __m512 t = _mm512_loadu_ps(ut + k * padded + j0);
-        const float* x = ut + k * padded + i0;  // zero past N
-        for (int r = 0; r < 16; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r]), t, acc[r]);
-      }
-      const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
-      for (int r = 0; r < 16; ++r) {
-        acc[r] = _mm512_max_ps(_mm512_sub_ps(one, acc[r]), zero);
-        if (rows >> r & 1) _mm512_mask_storeu_ps(d + (i0 + r) * ld + j0, columns, acc[r]);
-      }
-      if (j0 == i0) continue;
-      transpose16(acc);
-      for (int c = 0; c < 16; ++c) {
-        if (columns >> c & 1) _mm512_mask_storeu_ps(d + (j0 + c) * ld + i0, rows, acc[c]);
-      }
-    }
-  });
+inline void distance_tile<float>(const float* ut, int64_t padded, int64_t C, int64_t N, int64_t i0,
+                                 int64_t j0, float* d, int64_t ld) {
+  const __mmask16 rows = first_lanes(N - i0), columns = first_lanes(N - j0);
+  __m512 acc[16];
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < C; ++k) {
+    const __m512 t = _mm512_loadu_ps(ut + k * padded + j0);
+    const float* x = ut + k * padded + i0;  // zero past N
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r]), t, acc[r]);
+  }
+  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  for (int r = 0; r < 16; ++r) {
+    acc[r] = _mm512_max_ps(_mm512_sub_ps(one, acc[r]), zero);
+    if (rows >> r & 1) _mm512_mask_storeu_ps(d + (i0 + r) * ld + j0, columns, acc[r]);
+  }
+  if (j0 == i0) return;
+  transpose16(acc);
+  for (int c = 0; c < 16; ++c) {
+    if (columns >> c & 1) _mm512_mask_storeu_ps(d + (j0 + c) * ld + i0, rows, acc[c]);
+  }
 }
 #endif
+
+// Cosine distances from u^T [C, padded] into d [N, N] (row stride ld): each pair once, in tiles
+// on and above the diagonal, each stored on both sides, so exactly symmetric.
+template <typename T>
+void distances_from_columns(const T* ut, int64_t padded, int64_t C, int64_t N, T* d, int64_t ld,
+                            int threads) {
+  parallel_for(threads, padded / kTile, 1, [&](int64_t tile_row) {
+    const int64_t i0 = tile_row * kTile;
+    for (int64_t j0 = i0; j0 < N; j0 += kTile) distance_tile(ut, padded, C, N, i0, j0, d, ld);
+  });
+}
 
 // Cosine distances max(1 - <u_i, u_j>, 0) of the rows of features [N, C] into d [N, N] (row
 // stride ld), exactly symmetric. False (d undefined) if a feature is NaN or Inf.
 template <typename T>
 bool cosine_distances(const T* features, int64_t N, int64_t C, T* d, int64_t ld, Workspace<T>& w) {
-  const int64_t padded = (N + kWidth - 1) / kWidth * kWidth;
+  const int64_t padded = round_up_to_tile(N);
   w.transposed.resize(C * padded);
   w.inverse_norm.resize(N);
   if (!unit_columns(features, N, C, padded, w.transposed.data(), w.inverse_norm.data())) return false;
@@ -313,7 +289,7 @@ struct OtherClusters {  // single: the tokens of clusters other than `own`
   bool operator()(int64_t c) const { return cluster[c] != own; }
 #if defined(__AVX512F__)
   __mmask16 lanes(int64_t c, int64_t width) const {
-    const __mmask16 inside = width - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (width - c)) - 1);
+    const __mmask16 inside = first_lanes(width - c);
     return _mm512_mask_cmpneq_epi32_mask(inside, _mm512_maskz_loadu_epi32(inside, cluster + c),
                                          _mm512_set1_epi32(own));
   }
@@ -457,7 +433,7 @@ inline bool update_pair_columns<float>(float* row, const int32_t* pair_a, const 
                                        const float* weight_b, int64_t p, bool complete, float nearest) {
   __mmask16 beaten = 0;
   for (int64_t q = 0; q < p; q += 16) {
-    const __mmask16 lanes = p - q >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (p - q)) - 1);
+    const __mmask16 lanes = first_lanes(p - q);
     const __m512i column_a = _mm512_maskz_loadu_epi32(lanes, pair_a + q);
     const __m512 entry_a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, column_a, row, 4);
     const __m512 entry_b = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes,
@@ -755,7 +731,7 @@ template <typename T>
 int cluster_batch(T* distances, const T* features, int64_t B, int64_t N, int64_t C, const int64_t* groups,
                   int linkage, int64_t num_merges, int use_threshold, double threshold,
                   int64_t* labels, int num_threads) {
-  if (N < 1 || N > 65535 || linkage < 0 || linkage > 2 ||
+  if (N < 1 || N > kMaxTokens || linkage < 0 || linkage > 2 ||
       (distances == nullptr) == (features == nullptr)) {
     return 1;
   }
@@ -775,7 +751,7 @@ int cluster_batch(T* distances, const T* features, int64_t B, int64_t N, int64_t
       if (features != nullptr) {
         // Rows padded to whole 64-byte lines and aligned to one: no scan load or row store
         // straddles two cache lines.
-        ld = (N + kWidth - 1) / kWidth * kWidth;
+        ld = round_up_to_tile(N);
         constexpr int64_t kAlign = 64 / sizeof(T);
         w.matrix.resize(N * ld + kAlign);
         d = w.matrix.data();
