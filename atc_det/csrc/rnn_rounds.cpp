@@ -60,8 +60,8 @@ struct Workspace {
 };
 
 // body(i) for i in [0, n): over `threads` OpenMP threads (dynamic chunks of `chunk`), or as a plain
-// loop for one thread. (An OpenMP region costs about a microsecond even when inactive; a sample
-// runs several per round.)
+// loop for one thread. (An OpenMP region has a fixed cost even when inactive, and a sample runs
+// several per round.)
 template <typename Body>
 inline void parallel_for(int threads, int64_t n, int64_t chunk, const Body& body) {
   if (threads <= 1) {
