@@ -21,7 +21,17 @@ P="$(cd "$VENV" && pwd)/bin/python"
 "$P" -m pip install -q --upgrade pip wheel 'setuptools<81'
 
 if ! "$P" -c "import torch, torchvision" 2>/dev/null; then
-  "$P" -m pip install -q torch==2.14.1 torchvision==0.29.1
+  # The x86_64 torch 2.14.1 wheel is a CUDA build: with its nvidia-* dependencies it takes about
+  # 5.6 GB in the venv. Fail up front with the reason instead of pip's "No space left on device".
+  NEED_GB=7
+  FREE_GB=$(df -Pk "$VENV" | awk 'NR==2 {print int($4 / 1048576)}')
+  if [ "$FREE_GB" -lt "$NEED_GB" ]; then
+    echo "setup_env.sh: installing torch 2.14.1 + torchvision 0.29.1 into $VENV needs about" \
+         "$NEED_GB GB free there, but only $FREE_GB GB is free. Free disk space (old clones," \
+         "virtual environments) or set VENV to a directory on a disk with room." >&2
+    exit 1
+  fi
+  "$P" -m pip install -q --no-cache-dir torch==2.14.1 torchvision==0.29.1
 fi
 
 if ! "$P" -c "import detectron2" 2>/dev/null; then
