@@ -48,7 +48,7 @@ struct Workspace {
   std::vector<int32_t> cluster;     // single: cluster of each token
   std::vector<T> nearest_dist, size, own_height, weight_b;
   std::vector<int32_t> rank;
-  std::vector<int64_t> nearest, first, slots, new_index, root, keeper;
+  std::vector<int64_t> nearest, slots, new_index, root, keeper;
   std::vector<int64_t> edge_pair;  // single: token pair i * N + j of each cluster's nearest edge
   std::vector<int32_t> merge_a, merge_b, absorbed;  // complete/average: the pairs merging in a round
   std::vector<int64_t> member_start, member_fill, members;  // single: tokens of each cluster (CSR)
@@ -99,17 +99,6 @@ void mask_distances(T* d, int64_t N, int64_t ld, const int64_t* groups) {
   }
 }
 
-// transposed [C, padded] = (features [N, C] * scale [N] by row)^T, zero columns past N.
-template <typename T>
-void transpose_scaled(const T* features, int64_t N, int64_t C, int64_t padded, const T* scale,
-                      T* transposed) {
-  for (int64_t k = 0; k < C; ++k) {
-    T* column = transposed + k * padded;
-    for (int64_t i = 0; i < N; ++i) column[i] = features[i * C + k] * scale[i];
-    std::fill(column + N, column + padded, T(0));
-  }
-}
-
 // Unit features u = features / max(|features|, 1e-12) (as torch's normalize, up to rounding: the
 // kernel multiplies by the reciprocal) of features [N, C], transposed into u^T [C, padded] (zero
 // columns past N), with inverse_norm [N] as workspace. False if a value is NaN or Inf.
@@ -128,7 +117,11 @@ bool unit_columns(const T* features, int64_t N, int64_t C, int64_t padded, T* tr
     if (bad) return false;
     inverse_norm[i] = T(1) / std::max(std::sqrt(squares), T(1e-12));
   }
-  transpose_scaled(features, N, C, padded, inverse_norm, transposed);
+  for (int64_t k = 0; k < C; ++k) {
+    T* column = transposed + k * padded;
+    for (int64_t i = 0; i < N; ++i) column[i] = features[i * C + k] * inverse_norm[i];
+    std::fill(column + N, column + padded, T(0));
+  }
   return true;
 }
 
@@ -500,7 +493,7 @@ void rnn_pair_rounds(T* d, int64_t N, int64_t ld, int linkage, int64_t num_merge
       const int64_t r = w.absorbed[q], j = w.nearest[r];
       // Heights made monotone: never below the merges that formed the two clusters.
       const T height = std::max(w.nearest_dist[r], std::max(w.own_height[r], w.own_height[j]));
-      w.edges.push_back({w.first[r], w.first[j], static_cast<double>(height)});
+      w.edges.push_back({r, j, static_cast<double>(height)});  // slots are first members
     }
     // Rows: row a = Lance-Williams(row a, row b) for every pair.
     parallel_for(w.threads, p, 1, [&](int64_t q) {
@@ -661,8 +654,6 @@ void cluster_sample(T* d, int64_t N, int64_t ld, const int64_t* groups, int link
   w.weight_b.resize(N);
   w.rank.resize(N);
   w.nearest.resize(N);
-  w.first.resize(N);
-  std::iota(w.first.begin(), w.first.end(), 0);
   w.row_min.resize(N);
   w.row_column.resize(N);
   w.row_unique.resize(N);
