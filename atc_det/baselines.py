@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from atc_det.clustering import (
-    CLUSTERING_METHODS,
     check_tokens,
     cosine_distances,
     relabel_by_first_member,
@@ -193,7 +192,3 @@ def random_clustering(metric: Tensor, num_clusters: int, *, valid: Tensor | None
     choice = pick.masked_fill(~(same_group & is_centre[:, None, :]), -1.0).argmax(-1)
     index = torch.arange(num_tokens, device=metric.device)
     return relabel_by_first_member(torch.where(is_centre, index, choice))
-
-
-CLUSTERING_METHODS.update(tome=tome_clustering, kmedoids=kmedoids_clustering,
-                          dpcknn=dpcknn_clustering, random=random_clustering)

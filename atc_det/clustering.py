@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -385,9 +384,3 @@ def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | N
         order = torch.sort(height, dim=-1, stable=True).indices[:, :num_merges]
         kept = torch.zeros_like(height, dtype=torch.bool).scatter_(1, order, True)
     return _components(num_tokens, child, parent, kept & (child < num_tokens))
-
-
-CLUSTERING_METHODS: dict[str, Callable[..., Tensor]] = {"atc": agglomerative_clustering}
-
-# The baselines import the helpers above and register themselves in CLUSTERING_METHODS.
-import atc_det.baselines  # noqa: E402,F401

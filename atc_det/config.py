@@ -1,7 +1,7 @@
 """Detectron2 (yacs) config keys for ViTDet, ATC and SEC.
 
 ``add_atc_det_config(cfg)`` adds every key below and the SecViT keys
-(``atc_det.modeling.secvit.add_secvit_config``); it is what ``tools/train_net.py`` calls.
+(``atc_det.modeling.secvit_backbone.add_secvit_config``); it is what ``tools/train_net.py`` calls.
 """
 from detectron2.config import CfgNode as CN
 
@@ -92,7 +92,7 @@ def add_sec_config(cfg: CN) -> None:
 
 def add_atc_det_config(cfg: CN) -> None:
     """Add every atc_det key (ViTDet, ATC, SEC, SecViT) to a Detectron2 config."""
-    from .modeling.secvit import add_secvit_config
+    from .modeling.secvit_backbone import add_secvit_config
 
     add_vitdet_config(cfg)
     add_atc_config(cfg)

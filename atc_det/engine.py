@@ -21,7 +21,7 @@ from detectron2.utils import comm
 
 from .config import add_atc_det_config
 from .data.datasets import prepare_datasets
-from .modeling import backbone, secvit  # noqa: F401  (register the ViTDet and SecViT backbones)
+import atc_det.modeling  # noqa: F401  (registers the ViTDet and SecViT backbones)
 
 logger = logging.getLogger("atc_det")
 

@@ -1,6 +1,6 @@
 """Merge, unmerge and track tokens given cluster labels: pure functions on tensors.
 
-``labels`` [B, N] int64 in 0..K-1 come from any method in ``atc_det.clustering.CLUSTERING_METHODS``.
+``labels`` [B, N] int64 in 0..K-1 come from any method of ``atc_det.registry``.
 """
 
 from __future__ import annotations

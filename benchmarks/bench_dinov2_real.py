@@ -35,7 +35,7 @@ from atc_det.patch import apply_atc_timm, dense_patch_features, remove_atc_timm 
 from atc_det.patch.timm import DEFAULT_BLOCKS  # noqa: E402
 from atc_det.real_data import cluster_purity, load_real_photos, resize_photo  # noqa: E402
 
-METHODS = {  # table name -> (CLUSTERING_METHODS key, method kwargs)
+METHODS = {  # table name -> (atc_det.registry method name, method kwargs)
     "ATC single": ("atc", {"linkage": "single"}),
     "ATC complete": ("atc", {"linkage": "complete"}),
     "ATC average": ("atc", {"linkage": "average"}),

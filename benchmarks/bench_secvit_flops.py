@@ -15,7 +15,7 @@ import argparse
 import torch
 from fvcore.nn import FlopCountAnalysis
 
-from atc_det.modeling.secvit import SECVIT_PAPER, secvit_classifier
+from atc_det.modeling.secvit_backbone import SECVIT_PAPER, secvit_classifier
 
 
 def secvit_table() -> None:

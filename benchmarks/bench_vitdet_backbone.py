@@ -29,7 +29,7 @@ from atc_det.modeling import apply_atc, apply_sec
 from atc_det.modeling.atc_vit import ATCBlock
 
 
-# SEC (atc_det.modeling.sec_vit.apply_sec): groups of the window's size in windowed blocks, and/or
+# SEC (atc_det.modeling.sec_attention.apply_sec): groups of the window's size in windowed blocks, and/or
 # global blocks split into equal-size groups.
 SEC_SETTINGS = [
     ("SEC windowed blocks (groups of 196)", dict(windowed=True, global_groups=1)),

@@ -6,7 +6,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import ViT
 
-from atc_det.clustering import CLUSTERING_METHODS
+from atc_det.registry import get_method, method_names
 from atc_det.config import add_atc_det_config
 from atc_det.modeling import apply_atc, apply_atc_from_cfg, collect_source_maps
 
@@ -94,7 +94,7 @@ def test_reduced_model_keeps_stock_shapes(batch, height, width, linkage):
         assert not torch.allclose(out, expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", sorted(set(CLUSTERING_METHODS) - {"random"}))
+@pytest.mark.parametrize("method", sorted(set(method_names()) - {"random"}))
 @pytest.mark.parametrize("scope,metric", [("window", "keys"), ("image", "input")])
 def test_every_method_scope_and_metric_runs(method, scope, metric):
     patched = apply_atc(small_vit(), keep_rate=0.25, method=method, scope=scope, metric=metric)

@@ -11,7 +11,8 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist, squareform
 
-from atc_det.clustering import CLUSTERING_METHODS, agglomerative_clustering, cosine_distances
+from atc_det.registry import get_method
+from atc_det.clustering import agglomerative_clustering, cosine_distances
 
 LINKAGES = ("single", "complete", "average")
 BACKENDS = ("torch", "native")
@@ -151,7 +152,7 @@ def test_edge_cases(backend):
     assert agglomerative_clustering(x, linkage="complete", threshold=0.0, backend=backend).max() == 8
     half = agglomerative_clustering(x.half(), 4, backend=backend)
     assert half.dtype == torch.int64 and half.max() == 3
-    assert CLUSTERING_METHODS["atc"] is agglomerative_clustering
+    assert get_method("atc") is agglomerative_clustering
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -9,7 +9,7 @@ from detectron2.modeling.backbone.utils import add_decomposed_rel_pos
 from detectron2.modeling.backbone.vit import Attention, Block
 
 from atc_det.config import add_atc_det_config
-from atc_det.modeling.sec_vit import SecAttention, apply_sec, apply_sec_from_cfg
+from atc_det.modeling.sec_attention import SecAttention, apply_sec, apply_sec_from_cfg
 from atc_det.sec import balanced_slots, gather_groups, scatter_groups, sec_group_indices
 
 torch.manual_seed(0)

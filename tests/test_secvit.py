@@ -12,7 +12,7 @@ from detectron2.utils.events import EventStorage
 from fvcore.nn import FlopCountAnalysis
 
 from atc_det.config import add_atc_det_config
-from atc_det.modeling.secvit import (
+from atc_det.modeling.secvit_backbone import (
     SECVIT_PAPER,
     SECVIT_VARIANTS,
     SecAttention2d,

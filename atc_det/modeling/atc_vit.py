@@ -32,7 +32,7 @@ from torch import Tensor
 from detectron2.modeling.backbone.utils import window_partition, window_unpartition
 from detectron2.modeling.backbone.vit import Attention, Block, ViT
 
-from atc_det.clustering import CLUSTERING_METHODS
+from atc_det.registry import get_method
 from atc_det.merge import attention_size_bias, merge_tokens, unmerge_tokens
 
 __all__ = ["ATCBlock", "ATCSettings", "apply_atc", "apply_atc_from_cfg", "collect_source_maps"]
@@ -246,7 +246,7 @@ class ATCBlock(Block):
         kwargs = dict(s.method_kwargs)
         if s.threshold is not None:
             kwargs["threshold"] = s.threshold
-        cluster = CLUSTERING_METHODS[s.method]
+        cluster = get_method(s.method)
         with torch.no_grad():
             # Identical padding features: the padding of a window merges into one cluster first.
             metric = self._cluster_metric(normed).masked_fill(~valid[..., None], 1.0)

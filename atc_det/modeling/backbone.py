@@ -42,7 +42,7 @@ def build_vit(cfg: CfgNode, in_chans: int = 3) -> ViT:
 
         apply_atc_from_cfg(vit, cfg)
     if cfg.MODEL.SEC.ENABLED:
-        from .sec_vit import apply_sec_from_cfg
+        from .sec_attention import apply_sec_from_cfg
 
         apply_sec_from_cfg(vit, cfg)
     return vit

@@ -24,7 +24,7 @@ import time
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from atc_det.clustering import CLUSTERING_METHODS
+from atc_det.registry import get_method, method_names
 from atc_det.merge import attention_size_bias, compose_source, merge_tokens, unmerge_tokens
 
 DEFAULT_BLOCKS = (3, 6, 9)  # 4th, 7th and 10th block, the reduction locations of EViT and ATC
@@ -75,7 +75,7 @@ def _reduce(x: Tensor, metric: Tensor, reduction: int, info: dict) -> Tensor:
     target = round(num_patches * info["keep_rate"] ** (reduction / steps))
     num_clusters = num_prefix + min(max(target, 1), x.shape[1] - num_prefix)
     start = time.perf_counter()
-    labels = CLUSTERING_METHODS[info["method"]](
+    labels = get_method(info["method"])(
         metric, num_clusters, protected=num_prefix, **info["method_kwargs"]
     )
     info["cluster_seconds"] += time.perf_counter() - start
@@ -139,8 +139,8 @@ def apply_atc_timm(
     if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) \
             or not 0 < keep_rate <= 1:
         raise ValueError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}")
-    if method not in CLUSTERING_METHODS:
-        raise ValueError(f"method must be one of {sorted(CLUSTERING_METHODS)}, got {method!r}")
+    if method not in method_names():
+        raise ValueError(f"method must be one of {method_names()}, got {method!r}")
     blocks = tuple(sorted(set(blocks)))
     if not blocks or any(not isinstance(b, int) or not 0 <= b < len(model.blocks) for b in blocks):
         raise ValueError(f"blocks must be non-empty block indices in 0..{len(model.blocks) - 1}, "
