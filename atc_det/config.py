@@ -60,7 +60,7 @@ def add_atc_config(cfg: CN) -> None:
     cfg.MODEL.ATC.METHOD = "atc"
     # "single", "complete" or "average" (ATC only).
     cfg.MODEL.ATC.LINKAGE = "average"
-    # Fraction of tokens KEPT (as clusters) in each reduced block, in (0, 1]:
+    # Fraction of a reduction's input tokens KEPT (as int(KEEP_RATE * T) clusters), in (0, 1]:
     # one value for all BLOCKS, or one value per entry of BLOCKS.
     cfg.MODEL.ATC.KEEP_RATE = [0.5]
     # Indexes of the ViT blocks that cluster their tokens; empty: every block but the first.
@@ -69,6 +69,9 @@ def add_atc_config(cfg: CN) -> None:
     cfg.MODEL.ATC.METRIC = "keys"
     # Add log(cluster size) to the attention logits (proportional attention).
     cfg.MODEL.ATC.PROP_ATTN = True
+    # "dense": each reduced block scatters its update back to the members (the ViTDet setting);
+    # "merge": tokens stay merged from the first reduction block on (needs SCOPE "window").
+    cfg.MODEL.ATC.MODE = "dense"
     # "window": cluster each 14x14 window with the same K (batched); "image": cluster the image.
     cfg.MODEL.ATC.SCOPE = "window"
     # Relative positions of a merged token: "centroid" (tables interpolated at the size-weighted

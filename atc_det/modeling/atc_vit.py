@@ -8,7 +8,7 @@ Detectron2's). A reduced block, on ``x`` [B, H, W, C]:
    same 14x14 windows (global blocks, ``scope="window"``) or the whole image (``scope="image"``);
    window padding is marked invalid and never joins a real token's cluster;
 2. clusters the groups on the attention keys (heads averaged) or on the normalised input of the
-   block: every full window into the same K = round(keep_rate * 196) clusters in one batched
+   block: every full window into the same K = int(keep_rate * 196) clusters in one batched
    call; a window with padding keeps the same fraction of its real tokens, plus one padding
    cluster;
 3. runs attention + MLP on the size-weighted mean tokens (only the used clusters: no padding
@@ -19,10 +19,14 @@ Detectron2's). A reduced block, on ``x`` [B, H, W, C]:
    tokens of all windows of an image attend to each other;
 4. scatters each cluster's residual update back to its members, so the block returns the dense
    [B, H, W, C] map that the next block and ``SimpleFeaturePyramid`` expect.
+
+In merge mode (``mode="merge"``) step 4 gives every member its cluster's new value instead, and
+the partition carries over: every later block runs on the same clusters (steps 3-4 without
+clustering), and a later reduction block clusters the clusters (step 2 on the cluster tokens,
+composed with the partition so far). The map stays [B, H, W, C], constant within a cluster.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -32,33 +36,17 @@ from torch import Tensor
 from detectron2.modeling.backbone.utils import window_partition, window_unpartition
 from detectron2.modeling.backbone.vit import Attention, Block, ViT
 
-from atc_det.registry import get_method
-from atc_det.merge import attention_size_bias, merge_tokens, unmerge_tokens
+from atc_det.merge import merge_tokens, unmerge_tokens
+from atc_det.modeling.sec_attention import SecAttention
+from atc_det.reduction import (
+    ReductionSettings,
+    check_reduction,
+    cluster_attention_bias,
+    cluster_tokens,
+    head_mean_keys,
+)
 
-__all__ = ["ATCBlock", "ATCSettings", "apply_atc", "apply_atc_from_cfg", "collect_source_maps"]
-
-LINKAGES = ("single", "complete", "average")
-METHODS = ("atc", "tome", "kmedoids", "dpcknn", "random")
-METRICS = ("keys", "input")
-SCOPES = ("window", "image")
-REL_POS = ("centroid", "mean")
-
-
-@dataclass
-class ATCSettings:
-    """How one block clusters its tokens (see :func:`apply_atc` for the meaning of each field)."""
-
-    keep_rate: float
-    method: str = "atc"
-    linkage: str = "average"
-    metric: str = "keys"
-    prop_attn: bool = True
-    scope: str = "window"
-    window_size: int = 14
-    threshold: float | None = None
-    rel_pos: str = "centroid"
-    record_source: bool = False
-    method_kwargs: dict = field(default_factory=dict)
+__all__ = ["ATCBlock", "apply_atc", "apply_atc_from_cfg", "collect_source_maps", "remove_atc"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,55 +201,46 @@ def cluster_attention(
 class ATCBlock(Block):
     """A Detectron2 ViT ``Block`` whose attention and MLP run on clustered tokens.
 
-    Created only by :func:`apply_atc` (class swap); ``self._atc`` holds its :class:`ATCSettings`.
+    Created only by :func:`apply_atc` (class swap); ``self._atc`` holds its
+    :class:`~atc_det.reduction.ReductionSettings`. In merge mode the blocks of one ViT share
+    ``self._atc_state`` (the current partition: labels [G, S] per window and K), which the first
+    reduction block (``self._atc_first``) starts anew at every forward.
     """
 
-    _atc: ATCSettings
+    _atc: ReductionSettings
     _atc_source_map: Tensor | None
+    _atc_state: dict
+    _atc_first: bool
 
     def _cluster_metric(self, normed: Tensor) -> Tensor:
-        """[G, S, C] normalised tokens -> [G, S, D] clustering features.
-
-        "keys": the attention keys averaged over heads, computed with the head-averaged key
-        weights (the same numbers, at 1 / heads of the cost of all keys).
-        """
+        """[G, T, C] normalised tokens -> [G, T, D] clustering features."""
         if self._atc.metric == "input":
             return normed
-        C, heads = normed.shape[-1], self.attn.num_heads
-        weight = self.attn.qkv.weight[C : 2 * C].reshape(heads, -1, C).mean(0)
-        bias = self.attn.qkv.bias
-        return F.linear(normed, weight, None if bias is None else bias[C : 2 * C].reshape(heads, -1).mean(0))
+        return head_mean_keys(normed, self.attn.qkv.weight, self.attn.qkv.bias, self.attn.num_heads)
 
-    def _cluster(self, normed: Tensor, valid: Tensor) -> tuple[Tensor, int]:
-        """Labels [G, S] and the number of cluster slots K per group.
+    def _partition(self, tokens: Tensor, valid: Tensor) -> tuple[Tensor, int]:
+        """Labels [G, S] of the grouped tokens [G, S, C] and the number of cluster slots K.
 
-        Groups with P padding tokens get round(keep_rate * (S - P)) clusters of real tokens plus
-        one of padding, so every window keeps the same fraction of its real tokens; groups with
-        the same number of real tokens (all full windows) are clustered in one batched call.
+        Dense mode clusters the tokens. Merge mode starts from the partition of the previous
+        block (the tokens hold their cluster's value) and, in a reduction block, clusters its
+        clusters: the new labels are the composition.
         """
         s = self._atc
-        G, S = int(normed.shape[0]), int(normed.shape[1])
-        if s.threshold is None and round(s.keep_rate * S) >= S:
-            return torch.arange(S, device=normed.device).expand(G, S), S
-        kwargs = dict(s.method_kwargs)
-        if s.threshold is not None:
-            kwargs["threshold"] = s.threshold
-        cluster = get_method(s.method)
-        with torch.no_grad():
-            # Identical padding features: the padding of a window merges into one cluster first.
-            metric = self._cluster_metric(normed).masked_fill(~valid[..., None], 1.0)
-            if s.threshold is not None:
-                labels = cluster(metric, None, valid=valid, **kwargs)
-                return labels, int(labels.max()) + 1
-            labels = torch.empty(G, S, dtype=torch.long, device=normed.device)
-            real_count = valid.sum(-1)
-            num_slots = 0
-            for count in real_count.unique().tolist():
-                num_clusters = max(1, round(s.keep_rate * count)) + int(count < S)
-                select = (real_count == count).nonzero()[:, 0]
-                labels[select] = cluster(metric[select], num_clusters, valid=valid[select], **kwargs)
-                num_slots = max(num_slots, num_clusters)
-        return labels, num_slots
+        if s.mode == "dense" or self._atc_first:
+            normed = self.norm1(tokens) * valid[..., None]  # padding enters attention as zeros
+            labels, K = cluster_tokens(self._cluster_metric(normed), valid, s)
+        else:
+            labels, K = self._atc_state["labels"], self._atc_state["num_clusters"]
+            if s.clusters:
+                merged, size = merge_tokens(tokens, labels, K)
+                real = merge_tokens(valid[..., None].to(tokens.dtype), labels, K)[0][..., 0] > 0
+                real = real & (size > 0)
+                normed = self.norm1(merged) * real[..., None]
+                coarse, K = cluster_tokens(self._cluster_metric(normed), real, s)
+                labels = coarse.gather(1, labels)
+        if s.mode == "merge":
+            self._atc_state.update(labels=labels, num_clusters=K)
+        return labels, K
 
     def forward(self, x: Tensor) -> Tensor:
         s = self._atc
@@ -269,8 +248,7 @@ class ATCBlock(Block):
         windowed = self.window_size > 0
         group = self.window_size if windowed else (s.window_size if s.scope == "window" else 0)
         tokens, valid, coords, pad_hw = group_tokens(x, group)
-        normed = self.norm1(tokens) * valid[..., None]  # padding enters attention as zeros
-        labels, K = self._cluster(normed, valid)
+        labels, K = self._partition(tokens, valid)
 
         merged, size = merge_tokens(tokens, labels, K)
         if windowed:
@@ -293,9 +271,9 @@ class ATCBlock(Block):
             col_weights = interpolation_weights(extra[..., 2], grid[1])
         slot, position, length = attention_layout(size > 0 if windowed else real, rows)
         image = slot // (size.numel() // B)  # image of each used cluster
-        key_bias = attention_size_bias(size)[:, 0, 0] if s.prop_attn else torch.zeros_like(size)
+        key_bias = cluster_attention_bias(size, s.prop_attn)
 
-        merged = merged.reshape(-1, C)[slot]
+        merged_all, merged = merged, merged.reshape(-1, C)[slot]
         normed = self.norm1(merged) * real.flatten()[slot, None]
         # DropPath draws one factor per image, as in the stock block.
         drop_attn = self.drop_path(x.new_ones(B, 1))[image]
@@ -311,7 +289,10 @@ class ATCBlock(Block):
 
         update = update.new_zeros(labels.shape[0] * K, C).index_copy(0, slot, update)
         update = unmerge_tokens(update.reshape(-1, K, C), labels)
-        x = x + ungroup_tokens(update, group, pad_hw, (H, W))
+        if s.mode == "merge":  # members take their cluster's new value
+            x = ungroup_tokens(unmerge_tokens(merged_all, labels) + update, group, pad_hw, (H, W))
+        else:
+            x = x + ungroup_tokens(update, group, pad_hw, (H, W))
         if self.use_residual_block:
             x = self.residual(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if s.record_source:
@@ -326,54 +307,14 @@ class ATCBlock(Block):
 # ---------------------------------------------------------------------------------------------
 
 
-def _checked_settings(
-    num_blocks: int,
-    keep_rate: float | Sequence[float],
-    linkage: str,
-    blocks: Sequence[int] | None,
-    method: str,
-    metric: str,
-    scope: str,
-    threshold: float | None,
-    rel_pos: str,
-) -> tuple[list[int], list[float]]:
-    """Validate :func:`apply_atc` arguments; returns (block indexes, keep rate per block)."""
-    if method not in METHODS:
-        raise ValueError(f"method (MODEL.ATC.METHOD) must be one of {METHODS}, got {method!r}")
-    if linkage not in LINKAGES:
-        raise ValueError(f"linkage (MODEL.ATC.LINKAGE) must be one of {LINKAGES}, got {linkage!r}")
-    if metric not in METRICS:
-        raise ValueError(f"metric (MODEL.ATC.METRIC) must be one of {METRICS}, got {metric!r}")
-    if scope not in SCOPES:
-        raise ValueError(f"scope (MODEL.ATC.SCOPE) must be one of {SCOPES}, got {scope!r}")
-    if rel_pos not in REL_POS:
-        raise ValueError(f"rel_pos (MODEL.ATC.REL_POS) must be one of {REL_POS}, got {rel_pos!r}")
-    if threshold is not None and method != "atc":
-        raise ValueError(
-            f"threshold (MODEL.ATC.THRESHOLD) needs method 'atc', got {method!r}; "
-            "set MODEL.ATC.THRESHOLD < 0 to use the keep rate"
-        )
-    blocks = list(range(1, num_blocks)) if blocks is None else [int(b) for b in blocks]
-    bad = [b for b in blocks if not 0 <= b < num_blocks]
-    if bad or len(set(blocks)) != len(blocks):
-        raise ValueError(
-            f"blocks (MODEL.ATC.BLOCKS) must be distinct indexes in [0, {num_blocks}), got {blocks}"
-        )
-    rates = [keep_rate] if isinstance(keep_rate, (int, float)) else list(keep_rate)
-    if len(rates) == 1:
-        rates = rates * len(blocks)
-    if len(rates) != len(blocks):
-        raise ValueError(
-            f"keep_rate (MODEL.ATC.KEEP_RATE) needs 1 value or one per block ({len(blocks)}), "
-            f"got {len(rates)}"
-        )
-    for rate in rates:
-        if not (isinstance(rate, (int, float)) and 0 < rate <= 1):
-            raise ValueError(
-                f"keep_rate (MODEL.ATC.KEEP_RATE) is the fraction of tokens kept and must be in "
-                f"(0, 1], got {rate!r}"
-            )
-    return blocks, [float(r) for r in rates]
+def check_atc_arguments(depth: int, keep_rate, linkage, blocks, **options) -> tuple[list[int], list[float]]:
+    """:func:`~atc_det.reduction.check_reduction` for a Detectron2 ViT of ``depth`` blocks
+    (default blocks: all but the first), plus merge mode's need for window scope."""
+    block_ids, rates = check_reduction(depth, keep_rate, linkage, blocks, range(1, depth), **options)
+    if options.get("mode") == "merge" and options.get("scope") != "window":
+        raise ValueError("mode 'merge' (MODEL.ATC.MODE) needs scope 'window' (MODEL.ATC.SCOPE): "
+                         "windowed blocks after a reduction attend within the windows' clusters")
+    return block_ids, rates
 
 
 def apply_atc(
@@ -385,80 +326,108 @@ def apply_atc(
     method: str = "atc",
     metric: str = "keys",
     prop_attn: bool = True,
+    mode: str = "dense",
     scope: str = "window",
     threshold: float | None = None,
     rel_pos: str = "centroid",
+    **method_options,
 ) -> ViT:
     """Make selected blocks of a built Detectron2 ``ViT`` cluster their tokens (in place).
 
+    The arguments mean what they mean for every adapter (:mod:`atc_det.reduction`); here:
+
     Args:
         vit: ``detectron2.modeling.ViT`` (e.g. ``model.backbone.net`` of a ViTDet model).
-        keep_rate: fraction of tokens kept as clusters, in (0, 1]; one value or one per block.
-        linkage: "single", "complete" or "average" (used by method "atc").
-        blocks: indexes of the blocks to reduce (default: all but the first).
-        method: "atc" or a baseline: "tome", "kmedoids", "dpcknn", "random".
-        metric: "keys" (attention keys of the block's normalised input, heads averaged) or
-            "input" (the normalised input).
-        prop_attn: add log(cluster size) to the attention logits.
-        scope: "window": cluster each 14x14 window (the attention window in windowed blocks) with
-            the same K; "image": global blocks cluster the whole image (windowed blocks always
-            cluster per attention window).
-        threshold: dynamic ATC stopping (merge while the linkage distance <= threshold) instead of
-            a keep rate; None uses ``keep_rate``.
+        keep_rate: fraction of each reduction's input tokens kept as clusters, in (0, 1]; one
+            value or one per block. Dense mode: of each window's real tokens.
+        blocks: indexes of the reduction blocks (default: all but the first).
+        mode: "dense" (default: each block's update scattered back to the members) or "merge"
+            (tokens stay merged from the first reduction block on; every later block runs on the
+            clusters; needs ``scope="window"``).
+        scope: "window": cluster each 14x14 window (the attention window in windowed blocks);
+            "image": global blocks cluster the whole image (dense mode only).
         rel_pos: relative position of a cluster for ViTDet's decomposed rel-pos: "centroid"
             (size-weighted centroid, tables linearly interpolated) or "mean" (the exact mean of
             Detectron2's term over all member pairs of the query and key clusters).
-    Returns ``vit``, whose parameters and their names are unchanged.
+        method_options: passed to the clustering method (e.g. ``k_neighbors`` for "dpcknn").
+    Applying again replaces the settings. Returns ``vit``, whose parameters and their names are
+    unchanged (checkpoints load as they are); :func:`remove_atc` undoes it.
     """
     if not isinstance(vit, ViT):
         raise TypeError(f"apply_atc needs a detectron2.modeling.ViT, got {type(vit).__name__}")
-    block_ids, rates = _checked_settings(
-        len(vit.blocks), keep_rate, linkage, blocks, method, metric, scope, threshold, rel_pos
-    )
-    window_sizes = [b.window_size for b in vit.blocks if b.window_size > 0]
-    window_size = window_sizes[0] if window_sizes else 14
-    method_kwargs = {"linkage": linkage} if method == "atc" else {}
-    for index, rate in zip(block_ids, rates):
-        block = vit.blocks[index]
+    block_ids, rates = check_atc_arguments(
+        len(vit.blocks), keep_rate, linkage, blocks, method=method, metric=metric, mode=mode,
+        scope=scope, threshold=threshold, rel_pos=rel_pos)
+    for index, block in enumerate(vit.blocks):
         if not isinstance(block, Block):
             raise TypeError(
                 f"vit.blocks[{index}] is a {type(block).__name__}, not a Detectron2 ViT Block "
-                "(activation checkpointing wrappers are not supported)"
-            )
+                "(activation checkpointing wrappers are not supported)")
+        if isinstance(block.attn, SecAttention):
+            raise ValueError(f"vit.blocks[{index}] uses SEC attention (apply_sec): ATC and SEC "
+                             "cannot be combined in one ViT; remove_sec(vit) first")
+    remove_atc(vit)
+    window_sizes = [b.window_size for b in vit.blocks if b.window_size > 0]
+    if mode == "merge":  # every block from the first reduction on runs on the clusters
+        keep = dict(zip(block_ids, rates))
+        block_ids = list(range(block_ids[0], len(vit.blocks)))
+        rates = [keep.get(index) for index in block_ids]
+    state: dict = {}
+    for index, rate in zip(block_ids, rates):
+        block = vit.blocks[index]
         block.__class__ = ATCBlock
-        block._atc = ATCSettings(
+        block._atc = ReductionSettings(
             keep_rate=rate,
             method=method,
             linkage=linkage,
             metric=metric,
             prop_attn=prop_attn,
+            mode=mode,
             scope=scope,
-            window_size=window_size,
-            threshold=threshold,
+            window_size=window_sizes[0] if window_sizes else 14,
+            threshold=threshold if rate is not None else None,
             rel_pos=rel_pos,
-            method_kwargs=method_kwargs,
+            method_options={"linkage": linkage, **method_options} if method == "atc" else method_options,
         )
         block._atc_source_map = None
+        block._atc_state = state
+        block._atc_first = index == block_ids[0]
     return vit
 
 
-def apply_atc_from_cfg(vit: ViT, cfg) -> ViT:
-    """:func:`apply_atc` with the ``MODEL.ATC.*`` keys of a Detectron2 config (see config.py)."""
+def remove_atc(vit: ViT) -> ViT:
+    """Undo :func:`apply_atc` in place (a ViT without ATC blocks is returned unchanged)."""
+    for block in vit.blocks:
+        if isinstance(block, ATCBlock):
+            block.__class__ = Block
+            for name in ("_atc", "_atc_source_map", "_atc_state", "_atc_first"):
+                block.__dict__.pop(name, None)
+    return vit
+
+
+def atc_arguments_from_cfg(cfg) -> dict:
+    """:func:`apply_atc` keyword arguments from the ``MODEL.ATC.*`` keys of a config."""
     atc = cfg.MODEL.ATC
     keep = atc.KEEP_RATE
-    keep = [keep] if isinstance(keep, (int, float)) else list(keep)
-    return apply_atc(
-        vit,
-        keep_rate=keep,
+    if not isinstance(atc.PROP_ATTN, bool):
+        raise ValueError(f"MODEL.ATC.PROP_ATTN must be True or False, got {atc.PROP_ATTN!r}")
+    return dict(
+        keep_rate=list(keep) if isinstance(keep, (list, tuple)) else keep,
         linkage=atc.LINKAGE,
         blocks=list(atc.BLOCKS) or None,
         method=atc.METHOD,
         metric=atc.METRIC,
-        prop_attn=bool(atc.PROP_ATTN),
+        prop_attn=atc.PROP_ATTN,
+        mode=atc.MODE,
         scope=atc.SCOPE,
-        threshold=None if atc.THRESHOLD < 0 else float(atc.THRESHOLD),
+        threshold=None if atc.THRESHOLD < 0 else atc.THRESHOLD,
         rel_pos=atc.REL_POS,
     )
+
+
+def apply_atc_from_cfg(vit: ViT, cfg) -> ViT:
+    """:func:`apply_atc` with the ``MODEL.ATC.*`` keys of a Detectron2 config (see config.py)."""
+    return apply_atc(vit, **atc_arguments_from_cfg(cfg))
 
 
 @torch.no_grad()

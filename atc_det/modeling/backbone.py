@@ -7,6 +7,9 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, SimpleFeaturePyramid, ViT
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
+from .atc_vit import apply_atc_from_cfg, atc_arguments_from_cfg, check_atc_arguments
+from .sec_attention import apply_sec_from_cfg, sec_arguments_from_cfg
+
 
 def build_vit(cfg: CfgNode, in_chans: int = 3) -> ViT:
     """Detectron2's ``ViT`` from ``MODEL.VIT.*``; ATC / SEC patched in when enabled."""
@@ -33,19 +36,27 @@ def build_vit(cfg: CfgNode, in_chans: int = 3) -> ViT:
         pretrain_use_cls_token=v.PRETRAIN_USE_CLS_TOKEN,
         out_feature=v.OUT_FEATURE,
     )
-    if cfg.MODEL.ATC.ENABLED and cfg.MODEL.SEC.ENABLED:
-        raise ValueError(
-            "MODEL.ATC.ENABLED and MODEL.SEC.ENABLED are both True: enable one of them."
-        )
+    check_config(cfg)
     if cfg.MODEL.ATC.ENABLED:
-        from .atc_vit import apply_atc_from_cfg
-
         apply_atc_from_cfg(vit, cfg)
     if cfg.MODEL.SEC.ENABLED:
-        from .sec_attention import apply_sec_from_cfg
-
         apply_sec_from_cfg(vit, cfg)
     return vit
+
+
+def check_config(cfg: CfgNode) -> None:
+    """Raise one ValueError naming the key for bad ``MODEL.ATC.*`` / ``MODEL.SEC.*`` values,
+    without building a model (``tools/train_net.py`` calls it before starting workers)."""
+    if cfg.MODEL.ATC.ENABLED and cfg.MODEL.SEC.ENABLED:
+        raise ValueError("MODEL.ATC.ENABLED and MODEL.SEC.ENABLED are both True: enable one of them")
+    depth = cfg.MODEL.VIT.DEPTH
+    if cfg.MODEL.ATC.ENABLED:
+        arguments = atc_arguments_from_cfg(cfg)
+        del arguments["prop_attn"]  # checked by atc_arguments_from_cfg
+        check_atc_arguments(depth, arguments.pop("keep_rate"), arguments.pop("linkage"),
+                            arguments.pop("blocks"), **arguments)
+    if cfg.MODEL.SEC.ENABLED:
+        sec_arguments_from_cfg(cfg, depth)
 
 
 @BACKBONE_REGISTRY.register()

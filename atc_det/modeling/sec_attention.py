@@ -30,7 +30,7 @@ from detectron2.modeling import ViT
 from detectron2.modeling.backbone.utils import get_rel_pos
 from detectron2.modeling.backbone.vit import Attention
 
-from ..sec import grouped_attention, num_groups_for_size, pair_bias, sec_group_indices
+from ..sec import check_sec_arguments, grouped_attention, num_groups_for_size, pair_bias, sec_group_indices
 
 REL_POS_MODES = ("clamp", "resize")
 
@@ -88,6 +88,8 @@ class SecAttention(nn.Module):
         self.num_groups = num_groups
         self.group_size = group_size
         self.rel_pos_mode = rel_pos_mode
+        # What remove_sec restores (a tuple, so the module is not registered twice).
+        self._replaced = (attn,)
 
     def extra_repr(self) -> str:
         groups = f"num_groups={self.num_groups}" if self.num_groups else f"group_size={self.group_size}"
@@ -119,60 +121,66 @@ class SecAttention(nn.Module):
 
 def apply_sec(
     vit: ViT,
-    windowed: bool = True,
-    global_groups: int = 4,
     blocks: Optional[Iterable[int]] = None,
+    *,
+    global_groups: int = 4,
+    windowed: bool = True,
     windowed_rel_pos: str = "clamp",
 ) -> ViT:
     """Patch SEC attention into a built Detectron2 ``ViT`` in place (and return it).
 
     Args:
         vit: Detectron2 ``ViT``.
+        blocks: indexes of the blocks to patch (None: all).
+        global_groups: G >= 1 SEC groups in global blocks (1: they keep global attention).
         windowed: replace the window partition of windowed blocks by SEC groups of at most
             ``window_size ** 2`` tokens (False: windowed blocks keep window attention).
-        global_groups: G >= 1 SEC groups in global blocks (1: they keep global attention).
-        blocks: indexes of the blocks to patch (None: all).
         windowed_rel_pos: "clamp" or "resize", rel-pos tables of windowed blocks (module docstring).
+    :func:`remove_sec` undoes it.
     """
     if not isinstance(vit, ViT):
         raise TypeError(f"apply_sec needs a detectron2.modeling.ViT, got {type(vit).__name__}")
-    _check_groups(global_groups, "global_groups")
+    indexes = check_sec_arguments(len(vit.blocks), blocks, global_groups, windowed)
     if windowed_rel_pos not in REL_POS_MODES:
         raise ValueError(f"windowed_rel_pos must be one of {REL_POS_MODES}, got {windowed_rel_pos!r}")
-    indexes = range(len(vit.blocks)) if blocks is None else list(blocks)
-    _check_blocks(indexes, len(vit.blocks), "blocks")
+    for i, block in enumerate(vit.blocks):
+        if isinstance(block.attn, SecAttention):
+            raise ValueError(f"block {i} already uses SEC attention: apply_sec once per model "
+                             "(remove_sec(vit) first to change its settings)")
+        if hasattr(block, "_atc"):
+            raise ValueError(f"block {i} clusters its tokens (apply_atc): ATC and SEC cannot be "
+                             "combined in one ViT; remove_atc(vit) first")
     for i in indexes:
         block = vit.blocks[i]
-        if isinstance(block.attn, SecAttention):
-            raise ValueError(f"block {i} already uses SEC attention: apply_sec once per model")
         if block.window_size > 0 and windowed:
             block.attn = SecAttention(
                 block.attn, group_size=block.window_size**2, rel_pos_mode=windowed_rel_pos
             )
+            block.attn._window_size = block.window_size
             block.window_size = 0
         elif block.window_size == 0 and global_groups > 1:
             block.attn = SecAttention(block.attn, num_groups=global_groups, rel_pos_mode="resize")
+            block.attn._window_size = 0
     return vit
+
+
+def remove_sec(vit: ViT) -> ViT:
+    """Undo :func:`apply_sec` in place: each block gets its Detectron2 attention and window back."""
+    for block in vit.blocks:
+        if isinstance(block.attn, SecAttention):
+            block.window_size = block.attn._window_size
+            block.attn = block.attn._replaced[0]
+    return vit
+
+
+def sec_arguments_from_cfg(cfg: CfgNode, depth: int) -> dict:
+    """:func:`apply_sec` keyword arguments from ``MODEL.SEC.*`` (empty BLOCKS: all), checked."""
+    sec = cfg.MODEL.SEC
+    blocks = list(sec.BLOCKS) or None
+    check_sec_arguments(depth, blocks, sec.GLOBAL_GROUPS, sec.WINDOWED, key="MODEL.SEC.")
+    return dict(blocks=blocks, global_groups=sec.GLOBAL_GROUPS, windowed=sec.WINDOWED)
 
 
 def apply_sec_from_cfg(vit: ViT, cfg: CfgNode) -> ViT:
     """``apply_sec`` with ``MODEL.SEC.{WINDOWED, GLOBAL_GROUPS, BLOCKS}`` (empty BLOCKS: all)."""
-    sec = cfg.MODEL.SEC
-    if not isinstance(sec.WINDOWED, bool):
-        raise ValueError(f"MODEL.SEC.WINDOWED must be True or False, got {sec.WINDOWED!r}")
-    _check_groups(sec.GLOBAL_GROUPS, "MODEL.SEC.GLOBAL_GROUPS")
-    _check_blocks(sec.BLOCKS, len(vit.blocks), "MODEL.SEC.BLOCKS")
-    return apply_sec(
-        vit, windowed=sec.WINDOWED, global_groups=sec.GLOBAL_GROUPS, blocks=list(sec.BLOCKS) or None
-    )
-
-
-def _check_groups(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1 (number of SEC groups), got {value!r}")
-
-
-def _check_blocks(indexes: Iterable, depth: int, name: str) -> None:
-    bad = [i for i in indexes if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth]
-    if bad:
-        raise ValueError(f"{name} must hold ViT block indexes in [0, {depth}), got {bad}")
+    return apply_sec(vit, **sec_arguments_from_cfg(cfg, len(vit.blocks)))

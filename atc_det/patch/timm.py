@@ -1,85 +1,123 @@
-"""Token clustering inside a timm ``VisionTransformer``, in place (the ATC paper's classification
-setting).
+"""Token clustering (ATC and baselines) and SEC attention inside a timm ``VisionTransformer``, in
+place. The arguments mean what they mean for every adapter (:mod:`atc_det.reduction`).
 
-In each chosen block the tokens are clustered between the attention and the MLP, with the
-attention keys averaged over heads as the metric, and every cluster is replaced by the
-size-weighted mean of its members; the tokens stay merged in all later blocks. Prefix tokens
-(class, registers) are never merged. With proportional attention every later attention adds
-log(cluster size) to its logits. A source map [B, N0] (original patch -> current token) makes the
-dense patch features restorable: :func:`dense_patch_features` unmerges the final tokens.
+Prefix tokens (class, registers) are never merged: they are protected singletons. Two modes:
 
-``keep_rate`` is the fraction of the ORIGINAL N0 patch tokens left after the last reduction
-block: the m reduction blocks shrink the patch tokens geometrically, the i-th (1-based) to
-``round(N0 * keep_rate ** (i / m))``, so every method ends with the same number of tokens.
+- ``"merge"`` (default here; the ATC paper's classification setting): in each reduction block the
+  tokens are clustered between the attention and the MLP (metric: that attention's keys, heads
+  averaged, or the block's normalised input), every cluster is replaced by the size-weighted mean
+  of its members, and the tokens stay merged in all later blocks; a later reduction clusters the
+  current tokens. With proportional attention every later attention adds log(cluster size) to
+  its logits. A source map [B, N0] (original patch -> current token) restores dense patch
+  features: :func:`dense_patch_features`.
+- ``"dense"`` (the ViTDet setting): each reduction block clusters its input tokens, runs attention
+  and MLP on the clusters and adds each cluster's update to its members; the token count never
+  changes, so the model's output keeps its shape.
 
 Patching swaps the classes of the model, its blocks and their attentions for subclasses that
-add this behaviour; parameter names and the state dict are unchanged, and
-:func:`remove_atc_timm` swaps them back.
+add this behaviour; parameter names and the state dict are unchanged, and :func:`remove_atc_timm`
+swaps them back. :func:`apply_sec_timm` replaces the attention of chosen blocks by attention
+within SEC groups of the patch tokens (prefix tokens attend to, and are keys of, every group).
 """
 
 from __future__ import annotations
 
-import time
+from typing import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from atc_det.registry import get_method, method_names
-from atc_det.merge import attention_size_bias, compose_source, merge_tokens, unmerge_tokens
+from atc_det.merge import compose_source, merge_tokens, unmerge_tokens
+from atc_det.reduction import (
+    ReductionSettings,
+    check_reduction,
+    cluster_attention_bias,
+    cluster_tokens,
+    head_mean_keys,
+)
+from atc_det.sec import check_sec_arguments, gather_groups, scatter_groups, sec_group_indices
 
 DEFAULT_BLOCKS = (3, 6, 9)  # 4th, 7th and 10th block, the reduction locations of EViT and ATC
 
 
-class _ATCAttention:
-    """Mixin for timm's ``Attention``: proportional attention and the keys as merge metric."""
+def _qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """timm ``Attention``'s q, k, v [B, heads, N, d] (after its q / k norms)."""
+    batch, num_tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
 
-    def forward(self, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x [B, N, C], size [B, N] or None -> (output [B, N, C], keys mean over heads [B, N, Ch])."""
-        batch, num_tokens, _ = x.shape
+
+def _output(attn: nn.Module, x: Tensor, out: Tensor, gate: Tensor | None) -> Tensor:
+    """timm ``Attention``'s tail: heads [B, heads, N, d] -> norm, gate, projection [B, N, C]."""
+    out = attn.norm(out.transpose(1, 2).reshape(*x.shape[:2], attn.attn_dim))
+    return attn.proj_drop(attn.proj(out if gate is None else out * gate))
+
+
+class _ATCAttention:
+    """Mixin for timm's ``Attention``: an additive bias per key, and the keys as merge metric."""
+
+    def forward(self, x: Tensor, key_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x [B, N, C], key_bias [B, N] or None -> (output [B, N, C], keys mean over heads
+        [B, N, d])."""
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        bias = None if size is None else attention_size_bias(size).to(q.dtype)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
-        )
-        x = self.norm(x.transpose(1, 2).reshape(batch, num_tokens, self.attn_dim))
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x)), k.mean(1)
+        q, k, v = _qkv(self, x)
+        mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return _output(self, x, out, gate), k.mean(1)
 
 
 class _ATCBlock:
-    """Mixin for timm's ``Block``: attention, then (in reduction blocks) cluster + merge, then MLP."""
+    """Mixin for timm's ``Block``: attention and MLP on the clusters of the block's tokens."""
+
+    _atc: ReductionSettings | None  # None: a merge-mode block that only carries the clusters
+    _atc_info: dict
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("ATC-patched timm blocks take no attn_mask / is_causal")
+        if self._atc is not None and self._atc.mode == "dense":
+            return self._dense_forward(x)
         info = self._atc_info
-        num_prefix = info["num_prefix_tokens"]
-        if info["num_patches"] is None:
-            info["num_patches"] = x.shape[1] - num_prefix
-        size = info["size"] if info["prop_attn"] else None
-        attn_out, metric = self.attn(self.norm1(x), size=size)
+        size = info["size"]
+        normed = self.norm1(x)
+        bias = None if size is None else cluster_attention_bias(size, info["prop_attn"])
+        attn_out, keys = self.attn(normed, key_bias=bias)
         x = x + self.drop_path1(self.ls1(attn_out))
-        if self._atc_reduction is not None:
-            x = _reduce(x, metric, self._atc_reduction, info)
+        if self._atc is not None:
+            x = _merge(x, keys if self._atc.metric == "keys" else normed, self._atc, info)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
+    def _dense_forward(self, x: Tensor) -> Tensor:
+        """Cluster x [B, P + N, C], run the block on the clusters, add each cluster's update to
+        its members."""
+        s, num_prefix = self._atc, self._atc_info["num_prefix_tokens"]
+        normed = self.norm1(x)
+        metric = normed
+        if s.metric == "keys":
+            if isinstance(self.attn.k_norm, nn.Identity):
+                metric = head_mean_keys(normed, self.attn.qkv.weight, self.attn.qkv.bias,
+                                        self.attn.num_heads)
+            else:
+                metric = _qkv(self.attn, normed)[1].mean(1)
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        labels, num_clusters = cluster_tokens(metric, valid, s, protected=num_prefix)
+        merged, size = merge_tokens(x, labels, num_clusters)
+        attn_out, _ = self.attn(self.norm1(merged), key_bias=cluster_attention_bias(size, s.prop_attn))
+        update = self.drop_path1(self.ls1(attn_out))
+        update = update + self.drop_path2(self.ls2(self.mlp(self.norm2(merged + update))))
+        return x + unmerge_tokens(update, labels)
 
-def _reduce(x: Tensor, metric: Tensor, reduction: int, info: dict) -> Tensor:
-    """Cluster x [B, P + n, C] to [B, P + k, C]; update info's size and source map."""
-    num_prefix, num_patches = info["num_prefix_tokens"], info["num_patches"]
-    steps = len(info["blocks"])
-    target = round(num_patches * info["keep_rate"] ** (reduction / steps))
-    num_clusters = num_prefix + min(max(target, 1), x.shape[1] - num_prefix)
-    start = time.perf_counter()
-    labels = get_method(info["method"])(
-        metric, num_clusters, protected=num_prefix, **info["method_kwargs"]
-    )
-    info["cluster_seconds"] += time.perf_counter() - start
-    x, info["size"] = merge_tokens(x, labels, num_clusters, info["size"])
+
+def _merge(x: Tensor, metric: Tensor, settings: ReductionSettings, info: dict) -> Tensor:
+    """Cluster x [B, P + n, C] to [B, P + k, C] (merge mode); update info's size and source."""
+    num_prefix = info["num_prefix_tokens"]
+    size = info["size"]
+    valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if size is None else size > 0
+    labels, num_clusters = cluster_tokens(metric, valid, settings, protected=num_prefix)
+    x, info["size"] = merge_tokens(x, labels, num_clusters, size)
     info["source"] = compose_source(info["source"], labels[:, num_prefix:] - num_prefix)
     return x
 
@@ -89,19 +127,19 @@ class _ATCVisionTransformer:
 
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None,
                          is_causal: bool = False) -> Tensor:
-        self._atc_info.update(num_patches=None, size=None, source=None, cluster_seconds=0.0)
+        self._atc_info.update(size=None, source=None)
         return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
-def _swap_class(module: nn.Module, mixin: type) -> None:
+def _swap_class(module: nn.Module, mixin: type, prefix: str = "ATC") -> None:
     cls = module.__class__
     if not issubclass(cls, mixin):
         key = (mixin, cls)
         if key not in _SUBCLASSES:
-            _SUBCLASSES[key] = type(f"ATC{cls.__name__}", (mixin, cls), {})
+            _SUBCLASSES[key] = type(f"{prefix}{cls.__name__}", (mixin, cls), {})
         module.__class__ = _SUBCLASSES[key]
 
 
@@ -111,24 +149,7 @@ def _unswap_class(module: nn.Module, mixin: type) -> None:
         module.__class__ = next(base for base in cls.__bases__ if base is not mixin)
 
 
-def apply_atc_timm(
-    model: nn.Module,
-    keep_rate: float,
-    method: str = "atc",
-    blocks: tuple[int, ...] = DEFAULT_BLOCKS,
-    prop_attn: bool = True,
-    **method_kwargs,
-) -> nn.Module:
-    """Patch a timm ``VisionTransformer`` in place (again: new settings) and return it.
-
-    Args:
-        keep_rate: fraction of the original patch tokens kept after the last reduction, in (0, 1].
-        method: a key of ``atc_det.clustering.CLUSTERING_METHODS`` ("atc", "tome", "kmedoids",
-            "dpcknn", "random").
-        blocks: indices of the reduction blocks (clustering between their attention and MLP).
-        prop_attn: add log(cluster size) to the attention logits after the first reduction.
-        method_kwargs: passed to the clustering method, e.g. ``linkage="average"`` for "atc".
-    """
+def _check_model(model: nn.Module) -> None:
     from timm.layers import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -136,27 +157,54 @@ def apply_atc_timm(
         raise TypeError(f"model must be a timm VisionTransformer, got {type(model).__name__}")
     if not all(isinstance(b, Block) and isinstance(b.attn, Attention) for b in model.blocks):
         raise TypeError("every model.blocks[i] must be a timm Block with a timm Attention")
-    if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) \
-            or not 0 < keep_rate <= 1:
-        raise ValueError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}")
-    if method not in method_names():
-        raise ValueError(f"method must be one of {method_names()}, got {method!r}")
-    blocks = tuple(sorted(set(blocks)))
-    if not blocks or any(not isinstance(b, int) or not 0 <= b < len(model.blocks) for b in blocks):
-        raise ValueError(f"blocks must be non-empty block indices in 0..{len(model.blocks) - 1}, "
-                         f"got {blocks!r}")
 
-    model._atc_info = dict(
-        keep_rate=float(keep_rate), method=method, method_kwargs=method_kwargs, blocks=blocks,
-        prop_attn=prop_attn, num_prefix_tokens=model.num_prefix_tokens, num_patches=None,
-        size=None, source=None, cluster_seconds=0.0,
-    )
-    _swap_class(model, _ATCVisionTransformer)
+
+def apply_atc_timm(
+    model: nn.Module,
+    keep_rate: float | Sequence[float] = 0.5,
+    linkage: str = "average",
+    blocks: Sequence[int] | None = None,
+    *,
+    method: str = "atc",
+    metric: str = "keys",
+    prop_attn: bool = True,
+    mode: str = "merge",
+    threshold: float | None = None,
+    **method_options,
+) -> nn.Module:
+    """Patch a timm ``VisionTransformer`` in place (again: new settings) and return it.
+
+    Args:
+        keep_rate: fraction of each reduction's input patch tokens kept, in (0, 1]; one value or
+            one per block (the ATC paper's keep rate: ``int(keep_rate * T)`` clusters).
+        blocks: indices of the reduction blocks (default: the 4th, 7th and 10th, as in ATC).
+        mode: "merge" (default: tokens stay merged) or "dense" (updates scattered back).
+        method_options: passed to the clustering method (e.g. ``generator`` for "random").
+    """
+    _check_model(model)
+    if any(isinstance(b.attn, _SecAttention) for b in model.blocks):
+        raise ValueError("this model uses SEC attention (apply_sec): ATC and SEC cannot be "
+                         "combined in one model; remove_sec(model) first")
+    block_ids, rates = check_reduction(
+        len(model.blocks), keep_rate, linkage, blocks, DEFAULT_BLOCKS, method=method,
+        metric=metric, mode=mode, threshold=threshold, scope="image")
+    remove_atc_timm(model)
+    options = {"linkage": linkage, **method_options} if method == "atc" else method_options
+    rate_of = dict(zip(block_ids, rates))
+    model._atc_info = dict(prop_attn=prop_attn, num_prefix_tokens=model.num_prefix_tokens,
+                           size=None, source=None)
+    if mode == "merge":
+        _swap_class(model, _ATCVisionTransformer)
     for index, block in enumerate(model.blocks):
+        if mode == "dense" and index not in rate_of:
+            continue
         _swap_class(block, _ATCBlock)
         _swap_class(block.attn, _ATCAttention)
         block._atc_info = model._atc_info
-        block._atc_reduction = blocks.index(index) + 1 if index in blocks else None
+        block._atc = None if index not in rate_of else ReductionSettings(
+            keep_rate=rate_of[index], method=method, linkage=linkage, metric=metric,
+            prop_attn=prop_attn, mode=mode, scope="image", threshold=threshold,
+            method_options=options)
     return model
 
 
@@ -166,7 +214,7 @@ def remove_atc_timm(model: nn.Module) -> nn.Module:
     for block in model.blocks:
         _unswap_class(block, _ATCBlock)
         _unswap_class(block.attn, _ATCAttention)
-        for name in ("_atc_info", "_atc_reduction"):
+        for name in ("_atc_info", "_atc"):
             block.__dict__.pop(name, None)
     model.__dict__.pop("_atc_info", None)
     return model
@@ -181,3 +229,64 @@ def dense_patch_features(model: nn.Module, images: Tensor) -> Tensor:
     patches = tokens[:, model.num_prefix_tokens:]
     source = getattr(model, "_atc_info", {}).get("source")
     return patches if source is None else unmerge_tokens(patches, source)
+
+
+class _SecAttention:
+    """Mixin for timm's ``Attention``: attention within ``self._sec_groups`` SEC groups of the
+    patch tokens; prefix tokens are keys of every group and attend to all tokens."""
+
+    _sec_groups: int
+    _sec_prefix: int
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        if attn_mask is not None:
+            raise ValueError("SEC-patched timm attention takes no attn_mask")
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        q, k, v = _qkv(self, x)
+        p, dropout = self._sec_prefix, self.attn_drop.p if self.training else 0.0
+        prefix_out = F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout)
+        perm = sec_group_indices(k[:, :, p:], self._sec_groups)  # [B, heads, G, S]
+        num_patches, (num_groups, group_size) = k.shape[2] - p, perm.shape[-2:]
+        q_g, k_g, v_g = (gather_groups(t[:, :, p:], perm) for t in (q, k, v))
+        # Every group's keys: the prefix tokens, then its members (padding slots masked).
+        k_g, v_g = (torch.cat([t[:, :, None, :p].expand(-1, -1, num_groups, -1, -1), g], -2)
+                    for t, g in ((k, k_g), (v, v_g)))
+        mask = torch.cat([perm.new_zeros(*perm.shape[:-1], p, dtype=torch.bool),
+                          perm == num_patches], -1)[..., None, :]
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, float("-inf"))
+        out = F.scaled_dot_product_attention(q_g, k_g, v_g, attn_mask=mask, dropout_p=dropout)
+        out = torch.cat([prefix_out, scatter_groups(out, perm, num_patches)], 2)
+        return _output(self, x, out, gate)
+
+
+def apply_sec_timm(model: nn.Module, blocks: Sequence[int] | None = None, *,
+                   global_groups: int = 4) -> nn.Module:
+    """SEC attention with ``global_groups`` groups of the patch tokens in the chosen blocks of a
+    timm ``VisionTransformer`` (all blocks attend globally, so all are "global"), in place."""
+    _check_model(model)
+    indexes = check_sec_arguments(len(model.blocks), blocks, global_groups)
+    if any(isinstance(b.attn, _SecAttention) for b in model.blocks):
+        raise ValueError("this model already uses SEC attention: apply_sec once per model "
+                         "(remove_sec(model) first to change its settings)")
+    if any(isinstance(b, _ATCBlock) for b in model.blocks):
+        raise ValueError("this model clusters its tokens (apply_atc): ATC and SEC cannot be "
+                         "combined in one model; remove_atc(model) first")
+    num_patches = model.patch_embed.num_patches
+    if global_groups > num_patches:
+        raise ValueError(f"global_groups must be at most the {num_patches} patch tokens, got "
+                         f"{global_groups}")
+    for index in indexes:
+        if global_groups > 1:
+            attn = model.blocks[index].attn
+            _swap_class(attn, _SecAttention, prefix="SEC")
+            attn._sec_groups, attn._sec_prefix = global_groups, model.num_prefix_tokens
+    return model
+
+
+def remove_sec_timm(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_sec_timm` in place."""
+    for block in model.blocks:
+        _unswap_class(block.attn, _SecAttention)
+        for name in ("_sec_groups", "_sec_prefix"):
+            block.attn.__dict__.pop(name, None)
+    return model

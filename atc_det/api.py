@@ -1,0 +1,123 @@
+"""One entry point for every framework: ``apply_atc`` / ``remove_atc`` and ``apply_sec`` /
+``remove_sec`` take a Detectron2 ``ViT`` or a timm ``VisionTransformer`` with the same arguments
+and meanings (:mod:`atc_det.reduction`) and call that framework's adapter:
+:mod:`atc_det.modeling` (Detectron2) or :mod:`atc_det.patch.timm`. Neither framework is imported
+until a model of it is given.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from torch import nn
+
+
+def _framework(model: nn.Module) -> str:
+    """"detectron2" or "timm"; one TypeError for any other model."""
+    if "detectron2" in sys.modules:
+        from detectron2.modeling import ViT
+
+        if isinstance(model, ViT):
+            return "detectron2"
+    if "timm" in sys.modules:
+        from timm.models.vision_transformer import VisionTransformer
+
+        if isinstance(model, VisionTransformer):
+            return "timm"
+    raise TypeError(
+        f"atc_det needs a Detectron2 ViT (detectron2.modeling.ViT, e.g. model.backbone.net of a "
+        f"ViTDet model) or a timm VisionTransformer, got {type(model).__name__}")
+
+
+def apply_atc(
+    model: nn.Module,
+    keep_rate: float | Sequence[float] = 0.5,
+    linkage: str = "average",
+    blocks: Sequence[int] | None = None,
+    *,
+    method: str = "atc",
+    metric: str = "keys",
+    prop_attn: bool = True,
+    mode: str | None = None,
+    threshold: float | None = None,
+    **options,
+) -> nn.Module:
+    """Token clustering in the chosen blocks of ``model``, in place (again: new settings).
+
+    Args:
+        model: a Detectron2 ``ViT`` or a timm ``VisionTransformer``.
+        keep_rate: fraction of each reduction's input tokens kept (``int(keep_rate * T)``
+            clusters), in (0, 1]; one value or one per block.
+        linkage: "single", "complete" or "average" (method "atc").
+        blocks: reduction block indexes (default: Detectron2 all but the first; timm 3, 6, 9).
+        method: a name of :mod:`atc_det.registry` ("atc", "tome", "kmedoids", "dpcknn",
+            "random", or one you registered).
+        metric: "keys" (attention keys of the block's normalised input, heads averaged) or
+            "input" (the normalised input).
+        prop_attn: add log(cluster size) to the attention logits.
+        mode: "dense" (updates scattered back to the members; default for Detectron2) or
+            "merge" (tokens stay merged; default for timm).
+        threshold: dynamic ATC stopping instead of the keep rate.
+        options: framework options (Detectron2: ``scope``, ``rel_pos``) and clustering-method
+            options (e.g. ``k_neighbors``, ``generator``).
+    Returns ``model``; :func:`remove_atc` undoes it.
+    """
+    arguments = dict(method=method, metric=metric, prop_attn=prop_attn, threshold=threshold,
+                     **options)
+    if _framework(model) == "detectron2":
+        from atc_det.modeling import apply_atc as apply
+
+        return apply(model, keep_rate, linkage, blocks, mode=mode or "dense", **arguments)
+    from atc_det.patch.timm import apply_atc_timm
+
+    for name in ("scope", "rel_pos"):
+        if name in options:
+            raise ValueError(f"{name} applies to Detectron2 ViTs (windows, relative positions); "
+                             f"a timm VisionTransformer clusters whole images: drop {name}=")
+    return apply_atc_timm(model, keep_rate, linkage, blocks, mode=mode or "merge", **arguments)
+
+
+def remove_atc(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_atc` in place (a model without ATC is returned unchanged)."""
+    if _framework(model) == "detectron2":
+        from atc_det.modeling import remove_atc as remove
+
+        return remove(model)
+    from atc_det.patch.timm import remove_atc_timm
+
+    return remove_atc_timm(model)
+
+
+def apply_sec(model: nn.Module, blocks: Sequence[int] | None = None, *, global_groups: int = 4,
+              **options) -> nn.Module:
+    """SEC attention in the chosen blocks of ``model`` (None: all), in place.
+
+    Args:
+        global_groups: SEC groups in each global-attention block (1: left global). Every block
+            of a timm ViT attends globally.
+        options: Detectron2 only: ``windowed`` (SEC groups of the window's size replace the
+            windows of windowed blocks) and ``windowed_rel_pos``.
+    Returns ``model``; :func:`remove_sec` undoes it.
+    """
+    if _framework(model) == "detectron2":
+        from atc_det.modeling import apply_sec as apply
+
+        return apply(model, blocks, global_groups=global_groups, **options)
+    from atc_det.patch.timm import apply_sec_timm
+
+    if options:
+        raise ValueError(f"{sorted(options)} apply to Detectron2 ViTs (windowed blocks); a timm "
+                         f"VisionTransformer has none")
+    return apply_sec_timm(model, blocks, global_groups=global_groups)
+
+
+def remove_sec(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_sec` in place."""
+    if _framework(model) == "detectron2":
+        from atc_det.modeling import remove_sec as remove
+
+        return remove(model)
+    from atc_det.patch.timm import remove_sec_timm
+
+    return remove_sec_timm(model)

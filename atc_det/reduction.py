@@ -1,0 +1,187 @@
+"""What a token reduction is, for every adapter: its settings, their one validator, and the
+framework-free steps of a reduced block (pure functions on tensors, no Detectron2 or timm).
+
+The adapters (:mod:`atc_det.modeling.atc_vit` for Detectron2's ViT, :mod:`atc_det.patch.timm` for
+timm's ``VisionTransformer``) and the entry point :func:`atc_det.apply_atc` share these meanings:
+
+- ``keep_rate``: the fraction of a reduction's input tokens that it keeps, as clusters:
+  ``int(keep_rate * T)`` clusters (at least 1) of the ``T`` real tokens it is given, as in the
+  official ATC code. One value, or one per reduction block.
+- ``mode``: ``"dense"`` (each reduced block clusters its input, runs attention and MLP on the
+  clusters and scatters each cluster's update back to its members: the ViTDet setting) or
+  ``"merge"`` (the tokens stay merged after a reduction, later reductions cluster the clusters:
+  the classification setting).
+- ``method``: a name of :mod:`atc_det.registry`; ``linkage`` is passed to ``"atc"``.
+- ``metric``: the features clustered: ``"keys"`` (the attention keys of the block's normalised
+  input, averaged over heads) or ``"input"`` (the normalised input itself).
+- ``prop_attn``: proportional attention, log(cluster size) added to the attention logits.
+- ``threshold``: dynamic ATC stopping (merge while the linkage distance <= threshold) instead of
+  a keep rate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from atc_det.clustering import LINKAGES
+from atc_det.registry import get_method, method_names
+
+MODES = ("dense", "merge")
+METRICS = ("keys", "input")
+SCOPES = ("window", "image")
+REL_POS = ("centroid", "mean")
+
+
+@dataclass
+class ReductionSettings:
+    """How one block reduces its tokens (see the module docstring for each field's meaning).
+
+    ``keep_rate`` None: the block clusters nothing and reuses the partition it is given (the
+    blocks after a reduction in merge mode).
+    """
+
+    keep_rate: float | None
+    method: str = "atc"
+    linkage: str = "average"
+    metric: str = "keys"
+    prop_attn: bool = True
+    mode: str = "dense"
+    scope: str = "window"
+    window_size: int = 14
+    threshold: float | None = None
+    rel_pos: str = "centroid"
+    record_source: bool = False
+    method_options: dict = field(default_factory=dict)
+
+    @property
+    def clusters(self) -> bool:
+        """Whether this block clusters its input (False: it reuses the current partition)."""
+        return self.keep_rate is not None or self.threshold is not None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _choice(name: str, value, choices: Sequence[str], key: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} ({key}) must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_reduction(
+    num_blocks: int,
+    keep_rate: float | Sequence[float],
+    linkage: str,
+    blocks: Sequence[int] | None,
+    default_blocks: Sequence[int],
+    *,
+    method: str,
+    metric: str,
+    mode: str,
+    threshold: float | None = None,
+    scope: str = "window",
+    rel_pos: str = "centroid",
+) -> tuple[list[int], list[float]]:
+    """The one validator of every adapter's arguments; returns (sorted block indexes, keep rate
+    per block). Errors name the argument and its config key (``MODEL.ATC.*``)."""
+    _choice("method", method, method_names(), "MODEL.ATC.METHOD")
+    _choice("linkage", linkage, LINKAGES, "MODEL.ATC.LINKAGE")
+    _choice("metric", metric, METRICS, "MODEL.ATC.METRIC")
+    _choice("mode", mode, MODES, "MODEL.ATC.MODE")
+    _choice("scope", scope, SCOPES, "MODEL.ATC.SCOPE")
+    _choice("rel_pos", rel_pos, REL_POS, "MODEL.ATC.REL_POS")
+    if threshold is not None:
+        if not (_is_number(threshold) and threshold >= 0):  # also rejects NaN
+            raise ValueError(f"threshold (MODEL.ATC.THRESHOLD) must be a number >= 0 or None, got "
+                             f"{threshold!r}")
+        if method != "atc":
+            raise ValueError(f"threshold (MODEL.ATC.THRESHOLD) needs method 'atc', got {method!r}; "
+                             "set MODEL.ATC.THRESHOLD < 0 to use the keep rate")
+    given = list(default_blocks) if blocks is None else list(blocks)
+    bad = [b for b in given if isinstance(b, bool) or not isinstance(b, int)
+           or not 0 <= b < num_blocks]
+    if bad or not given or len(set(given)) != len(given):
+        raise ValueError(f"blocks (MODEL.ATC.BLOCKS) must be distinct int block indexes in "
+                         f"[0, {num_blocks}), at least one, got {given!r}")
+    rates = [keep_rate] if _is_number(keep_rate) or isinstance(keep_rate, bool) else keep_rate
+    try:
+        rates = list(rates)
+    except TypeError:
+        raise ValueError(f"keep_rate (MODEL.ATC.KEEP_RATE) must be a number or a list of numbers, "
+                         f"got {keep_rate!r}") from None
+    if len(rates) == 1:
+        rates = rates * len(given)
+    if len(rates) != len(given):
+        raise ValueError(f"keep_rate (MODEL.ATC.KEEP_RATE) needs 1 value or one per block "
+                         f"({len(given)}), got {len(rates)}")
+    for rate in rates:
+        if not (_is_number(rate) and 0 < rate <= 1):
+            raise ValueError(f"keep_rate (MODEL.ATC.KEEP_RATE) is the fraction of a reduction's "
+                             f"input tokens it keeps and must be a number in (0, 1], got {rate!r}")
+    order = sorted(range(len(given)), key=given.__getitem__)
+    return [given[i] for i in order], [float(rates[i]) for i in order]
+
+
+def kept_tokens(keep_rate: float, num_tokens: int) -> int:
+    """Clusters a reduction keeps of ``num_tokens`` real tokens: ``int(keep_rate * T)``, >= 1."""
+    return max(1, math.floor(keep_rate * num_tokens))
+
+
+def head_mean_keys(normed: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None,
+                   num_heads: int) -> Tensor:
+    """Attention keys averaged over heads, [..., C] -> [..., C / heads], from a fused ``qkv``
+    linear layer's weight [3C, C] and bias [3C] (the same numbers as averaging all keys, at
+    1 / heads of the cost)."""
+    channels = normed.shape[-1]
+    weight = qkv_weight[channels: 2 * channels].reshape(num_heads, -1, channels).mean(0)
+    bias = None if qkv_bias is None else qkv_bias[channels: 2 * channels].reshape(num_heads, -1).mean(0)
+    return F.linear(normed, weight, bias)
+
+
+def cluster_tokens(metric: Tensor, valid: Tensor, settings: ReductionSettings, protected: int = 0
+                   ) -> tuple[Tensor, int]:
+    """Labels [G, T] of each group's tokens and the number of cluster slots K per group.
+
+    metric [G, T, D] clustering features, valid [G, T] (False: padding or empty slots, which
+    only cluster among themselves). A group with R real tokens keeps ``kept_tokens(keep_rate, R)``
+    clusters of them (plus the ``protected`` singletons and one cluster of its invalid tokens, if
+    any), so every group keeps the same fraction of its real tokens; groups with the same R (all
+    full windows) are clustered in one batched call. With ``threshold``, K is the largest label
+    count in the batch (other groups have empty slots).
+    """
+    s = settings
+    groups, num_tokens = int(metric.shape[0]), int(metric.shape[1])
+    if s.threshold is None and s.keep_rate >= 1:
+        return torch.arange(num_tokens, device=metric.device).expand(groups, num_tokens), num_tokens
+    cluster = get_method(s.method)
+    options = dict(s.method_options, protected=protected)
+    with torch.no_grad():
+        # Identical invalid features: the padding of a window merges into one cluster first.
+        metric = metric.float().masked_fill(~valid[..., None], 1.0)
+        if s.threshold is not None:
+            labels = cluster(metric, None, valid=valid, threshold=s.threshold, **options)
+            return labels, int(labels.max()) + 1
+        labels = torch.empty(groups, num_tokens, dtype=torch.long, device=metric.device)
+        real_count = valid[:, protected:].sum(-1)
+        num_slots = 0
+        for count in real_count.unique().tolist():
+            kept = kept_tokens(s.keep_rate, count) if count else 0
+            num_clusters = protected + kept + int(count < num_tokens - protected)
+            select = (real_count == count).nonzero()[:, 0]
+            labels[select] = cluster(metric[select], num_clusters, valid=valid[select], **options)
+            num_slots = max(num_slots, num_clusters)
+    return labels, num_slots
+
+
+def cluster_attention_bias(size: Tensor, prop_attn: bool) -> Tensor:
+    """Additive attention bias of each cluster key, [..., K]: log(size) with proportional
+    attention, else 0; -inf for empty slots (size 0) either way."""
+    if prop_attn:
+        return size.log()
+    return torch.zeros_like(size).masked_fill(size == 0, float("-inf"))
