@@ -50,7 +50,8 @@ def apply_atc(
         keep_rate: fraction of each reduction's input tokens kept (``int(keep_rate * T)``
             clusters), in (0, 1]; one value or one per block.
         linkage: "single", "complete" or "average" (method "atc").
-        blocks: reduction block indexes (default: Detectron2 all but the first; timm 3, 6, 9).
+        blocks: reduction block indexes (default: Detectron2 all but the first; timm 3, 6, 9 of
+            12 blocks).
         method: a name of :mod:`atc_det.registry` ("atc", "tome", "kmedoids", "dpcknn",
             "random", or one you registered).
         metric: "keys" (attention keys of the block's normalised input, heads averaged) or

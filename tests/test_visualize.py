@@ -49,7 +49,7 @@ def test_distinct_clusters_per_window_equal_k(toy, method, keep_rate, height, wi
     finally:
         visualize.set_atc(model, cfg)
     assert sorted(maps) == [1, 2, 3]
-    k = round(keep_rate * WINDOW * WINDOW)  # every window is full: SFP pads the input to 256x256
+    k = int(keep_rate * WINDOW * WINDOW)  # every window is full: SFP pads the input to 256x256
     for block, ids in maps.items():
         assert ids.shape == (256 // PATCH, 256 // PATCH) and ids.dtype == torch.long
         windows = ids.reshape(2, WINDOW, 2, WINDOW).permute(0, 2, 1, 3).reshape(4, -1)
@@ -71,7 +71,7 @@ def test_windows_with_padding_keep_the_same_fraction_of_their_tokens(repo_root, 
     for ids in maps.values():
         assert ids.shape == (10, 16)
         counts = [len(np.unique(ids[r : r + WINDOW, c : c + WINDOW].numpy())) for r in (0, 8) for c in (0, 8)]
-        assert counts == [round(keep_rate * 64)] * 2 + [round(keep_rate * 16)] * 2
+        assert counts == [int(keep_rate * 64)] * 2 + [int(keep_rate * 16)] * 2
 
 
 def test_image_scope_clusters_global_blocks_over_the_whole_image(toy):

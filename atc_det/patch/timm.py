@@ -38,7 +38,12 @@ from atc_det.reduction import (
 )
 from atc_det.sec import check_sec_arguments, gather_groups, scatter_groups, sec_group_indices
 
-DEFAULT_BLOCKS = (3, 6, 9)  # 4th, 7th and 10th block, the reduction locations of EViT and ATC
+
+
+def default_blocks(depth: int) -> list[int]:
+    """Reduction blocks at a quarter, half and three quarters of the depth: 3, 6, 9 (the 4th,
+    7th and 10th block, the reduction locations of EViT and ATC) for 12 blocks."""
+    return sorted({depth * quarter // 4 for quarter in (1, 2, 3)})
 
 
 def _qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -177,7 +182,7 @@ def apply_atc_timm(
     Args:
         keep_rate: fraction of each reduction's input patch tokens kept, in (0, 1]; one value or
             one per block (the ATC paper's keep rate: ``int(keep_rate * T)`` clusters).
-        blocks: indices of the reduction blocks (default: the 4th, 7th and 10th, as in ATC).
+        blocks: indices of the reduction blocks (default: :func:`default_blocks`, 3, 6, 9 of 12).
         mode: "merge" (default: tokens stay merged) or "dense" (updates scattered back).
         method_options: passed to the clustering method (e.g. ``generator`` for "random").
     """
@@ -186,7 +191,7 @@ def apply_atc_timm(
         raise ValueError("this model uses SEC attention (apply_sec): ATC and SEC cannot be "
                          "combined in one model; remove_sec(model) first")
     block_ids, rates = check_reduction(
-        len(model.blocks), keep_rate, linkage, blocks, DEFAULT_BLOCKS, method=method,
+        len(model.blocks), keep_rate, linkage, blocks, default_blocks(len(model.blocks)), method=method,
         metric=metric, mode=mode, threshold=threshold, scope="image")
     remove_atc_timm(model)
     options = {"linkage": linkage, **method_options} if method == "atc" else method_options
@@ -238,9 +243,9 @@ class _SecAttention:
     _sec_groups: int
     _sec_prefix: int
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        if attn_mask is not None:
-            raise ValueError("SEC-patched timm attention takes no attn_mask")
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("SEC-patched timm attention takes no attn_mask / is_causal")
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         q, k, v = _qkv(self, x)
         p, dropout = self._sec_prefix, self.attn_drop.p if self.training else 0.0
