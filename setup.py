@@ -1,4 +1,18 @@
+"""atc_det's package metadata.
+
+Install PyTorch, torchvision and Detectron2 first: as in Detectron2's own setup.py, neither
+torch nor OpenCV is a requirement, so ``pip install -e .`` never replaces a GPU build of torch,
+and never adds a second ``cv2`` distribution beside the user's (opencv-python,
+opencv-contrib-python or their -headless variants all install the same ``cv2`` files). Without
+any OpenCV, ``pip install -e .[opencv]`` adds opencv-python-headless. ``.[test]`` adds what the
+test suite imports; ``scripts/setup_env.sh`` installs all of it, pinned.
+"""
 from setuptools import find_packages, setup
+
+# What tests/ and benchmarks/fixtures/ (DINOv2 ONNX conversion, annotated photos) import, plus
+# pkg_resources for detectron2.model_zoo (gone from setuptools 81).
+TEST = ["pytest", "pytest-timeout", "scipy", "scikit-learn", "onnx", "onnxruntime", "safetensors",
+        "imgviz", "setuptools<81"]
 
 setup(
     name="atc_det",
@@ -7,14 +21,10 @@ setup(
     packages=find_packages(include=["atc_det", "atc_det.*"]),
     package_data={"atc_det": ["csrc/*.cpp"]},  # the native clustering kernel, built on first use
     python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.0",
-        "torchvision",
-        "fvcore",
-        "pycocotools",
-        "timm",
-        "opencv-python-headless",
-        "scipy",
-    ],
-    extras_require={"bench": ["scikit-learn", "fastcluster"], "test": ["pytest"]},
+    install_requires=["fvcore", "iopath", "pycocotools", "timm", "numpy", "Pillow", "matplotlib", "tqdm"],
+    extras_require={
+        "opencv": ["opencv-python-headless"],
+        "test": TEST,
+        "bench": ["scipy", "scikit-learn", "fastcluster", "onnx", "onnxruntime", "safetensors", "imgviz"],
+    },
 )

@@ -2,8 +2,10 @@
 atomic checkpoints, strict weight loading, and DDP on CPU (gloo)."""
 import logging
 import os
+import sys
+from contextlib import contextmanager
 from functools import partial
-from typing import Any, Dict, List
+from typing import IO, Any, Dict, Iterator, List
 from unittest import mock
 
 import torch
@@ -18,6 +20,8 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from iopath.common.file_io import PathManager as PathManagerBase
 
 from .config import add_atc_det_config
 from .data.datasets import prepare_datasets
@@ -39,6 +43,23 @@ class CheckedDatasetMapper(DatasetMapper):
             ) from e
 
 
+class _AtomicWrites:
+    """Stands in for a path manager while ``Checkpointer.save`` runs: ``open(path, "w"/"wb")``
+    writes ``path.tmp`` through the wrapped one, flushes it to disk and renames it over ``path``."""
+
+    def __init__(self, path_manager: PathManagerBase):
+        self.path_manager = path_manager
+
+    @contextmanager
+    def open(self, path: str, mode: str, **kwargs: Any) -> Iterator[IO]:
+        tmp = f"{path}.tmp"
+        with self.path_manager.open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
 class Checkpointer(DetectionCheckpointer):
     """DetectionCheckpointer with atomic writes and strict loading.
 
@@ -53,28 +74,14 @@ class Checkpointer(DetectionCheckpointer):
         self.strict = strict
 
     def save(self, name: str, **kwargs: Any) -> None:
-        if not self.save_dir or not self.save_to_disk:
-            return
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        self.logger.info("Saving checkpoint to %s", save_file)
-        tmp = save_file + ".tmp"
-        with open(tmp, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, save_file)
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        save_file = os.path.join(self.save_dir, "last_checkpoint")
-        with open(save_file + ".tmp", "w") as f:
-            f.write(last_filename_basename)
-        os.replace(save_file + ".tmp", save_file)
+        """fvcore's ``save`` (checkpoint, then ``last_checkpoint`` tag), each file written
+        atomically (``save_dir`` must be local)."""
+        path_manager = self.path_manager
+        self.path_manager = _AtomicWrites(path_manager)
+        try:
+            super().save(name, **kwargs)
+        finally:
+            self.path_manager = path_manager
 
     def _load_model(self, checkpoint: Any):
         heuristics = checkpoint.get("matching_heuristics", False)
@@ -213,6 +220,30 @@ def load_config(config_file: str, opts: List[str] | None = None) -> CfgNode:
         cfg.SOLVER.AMP.ENABLED = False
     cfg.freeze()
     return cfg
+
+
+def check_weights(weights: str) -> None:
+    """Raise FileNotFoundError if ``weights`` (``MODEL.WEIGHTS``) names a local file that does not
+    exist; URLs and other path-manager prefixes (``detectron2://``) are not checked offline."""
+    path = weights.partition("?")[0]  # Detectron2 drops a query such as ?matching_heuristics=True
+    if path and "://" not in path and not PathManager.isfile(path):
+        raise FileNotFoundError(
+            f"MODEL.WEIGHTS {path!r} is not a file: give a checkpoint (.pth, or a Detectron2 .pkl), "
+            "a URL, or an empty string for random weights"
+        )
+
+
+@contextmanager
+def exit_on_bad_input() -> Iterator[None]:
+    """For command-line tools: a KeyError, OSError, TypeError or ValueError raised inside (a bad
+    config key or value, file, model) is printed as one ``error: ...`` line on stderr and exits
+    with status 2, without a traceback."""
+    try:
+        yield
+    except (KeyError, OSError, TypeError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def setup(args) -> CfgNode:

@@ -26,6 +26,14 @@ def merge_tokens(x: Tensor, labels: Tensor, num_clusters: int, size: Tensor | No
     batch, num_tokens, channels = x.shape
     if labels.shape != (batch, num_tokens):
         raise ValueError(f"labels must have shape [B, N] = [{batch}, {num_tokens}], got {tuple(labels.shape)}")
+    if labels.numel():
+        low, high = torch.aminmax(labels)
+        message = f"labels must lie in 0..{num_clusters - 1} (num_clusters={num_clusters})"
+        if labels.device.type == "cpu":
+            if low < 0 or high >= num_clusters:
+                raise ValueError(f"{message}, got labels in {int(low)}..{int(high)}")
+        else:  # checked on the device: no host synchronisation in a reduced block
+            torch._assert_async((low >= 0) & (high < num_clusters), message)
     weight = torch.ones(batch, num_tokens, dtype=x.dtype, device=x.device) if size is None else size.to(x.dtype)
     merged_size = x.new_zeros(batch, num_clusters).scatter_add(1, labels, weight)
     total = x.new_zeros(batch, num_clusters, channels).scatter_add(

@@ -9,13 +9,16 @@ system C++ compiler (``$CXX`` or ``g++``) into a cache directory (``$ATC_DET_NAT
 from __future__ import annotations
 
 import ctypes
-import fcntl
+import errno
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -64,9 +67,10 @@ def library_path() -> Path:
     return _cache_dir() / f"rnn_rounds-{key}.so"
 
 
-def compile_kernel(source: Path, out: Path) -> None:
-    """Compile a kernel source file into the shared library ``out``."""
-    result = subprocess.run([_compiler(), *_FLAGS, "-o", str(out), str(source)],
+def compile_kernel(source: Path, out: Path, extra_flags: Sequence[str] = ()) -> None:
+    """Compile a kernel source file into the shared library ``out``; ``extra_flags`` go after the
+    default flags (e.g. ``["-mno-avx512f"]`` for the portable code path)."""
+    result = subprocess.run([_compiler(), *_FLAGS, *extra_flags, "-o", str(out), str(source)],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise NativeUnavailable(f"building {source} failed:\n{result.stderr.strip()}")
@@ -84,14 +88,40 @@ def load_library(path: Path) -> ctypes.CDLL:
     return library
 
 
+@contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` across processes (fcntl on POSIX, msvcrt on
+    Windows), waiting as long as another process holds it."""
+    with open(path, "ab") as file:  # never truncated: another process may hold its lock
+        if sys.platform != "win32":
+            import fcntl
+
+            fcntl.flock(file, fcntl.LOCK_EX)  # released when the file is closed
+            yield
+            return
+        import msvcrt
+
+        while True:
+            try:
+                msvcrt.locking(file.fileno(), msvcrt.LK_LOCK, 1)  # gives up after about 10 s
+                break
+            except OSError as error:
+                if error.errno != errno.EDEADLOCK:
+                    raise
+        try:
+            yield
+        finally:
+            file.seek(0)
+            msvcrt.locking(file.fileno(), msvcrt.LK_UNLCK, 1)
+
+
 def build() -> Path:
     """Compile the kernel into the cache unless it is there (safe across processes)."""
     target = library_path()
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _exclusive_lock(target.with_suffix(".lock")):
         if not target.exists():
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 out = Path(tmp) / target.name

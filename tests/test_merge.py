@@ -102,3 +102,19 @@ def test_compose_source_over_two_reductions():
 def test_merge_rejects_bad_label_shape():
     with pytest.raises(ValueError, match="labels"):
         merge_tokens(torch.ones(1, 3, 2), torch.zeros(1, 4, dtype=torch.long), 1)
+
+
+@pytest.mark.parametrize("bad", [3, 7, -1])
+def test_merge_rejects_labels_outside_0_to_k_minus_1(bad):
+    """One clear error naming the labels and the valid range (scatter_add alone raises an index
+    RuntimeError on CPU, a device-side assert on CUDA)."""
+    labels = torch.tensor([[0, 1, 2, 0], [2, 2, 1, 0]])
+    labels[1, 2] = bad
+    low, high = min(0, bad), max(2, bad)
+    with pytest.raises(ValueError, match=rf"labels must lie in 0\.\.2 .*got labels in {low}\.\.{high}$"):
+        merge_tokens(torch.ones(2, 4, 5), labels, 3)
+
+
+def test_merge_accepts_empty_inputs():
+    merged, size = merge_tokens(torch.ones(0, 4, 2), torch.zeros(0, 4, dtype=torch.long), 3)
+    assert merged.shape == (0, 3, 2) and size.shape == (0, 3)

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
@@ -89,19 +90,74 @@ def test_two_process_cpu_training(small_toy, tmp_path):
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
 
 
+def test_checkpoints_are_written_atomically_through_the_path_manager(tmp_path, monkeypatch):
+    """Checkpointer.save writes each file through its path manager under a temporary name, then
+    renames it: a save that fails midway leaves the last checkpoint and its tag as they were."""
+    from atc_det.engine import Checkpointer
+
+    model = torch.nn.Linear(3, 2)
+    checkpointer = Checkpointer(model, save_dir=str(tmp_path))
+    path_manager, opened = checkpointer.path_manager, []
+    real_open = path_manager.open
+    monkeypatch.setattr(path_manager, "open", lambda path, mode="r", **kwargs: (
+        opened.append((os.path.basename(path), mode)) or real_open(path, mode, **kwargs)))
+    checkpointer.save("model_final", iteration=7)
+    assert opened == [("model_final.pth.tmp", "wb"), ("last_checkpoint.tmp", "w")]
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_final.pth"]
+    saved = torch.load(tmp_path / "model_final.pth")
+    assert saved["iteration"] == 7 and torch.equal(saved["model"]["weight"], model.weight.detach())
+    good = (tmp_path / "model_final.pth").read_bytes()
+
+    def fail_midway(data, f) -> None:
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", fail_midway)
+    for name in ("model_final", "model_0000009"):
+        with pytest.raises(OSError, match="No space left"):
+            checkpointer.save(name)
+        assert (tmp_path / "model_final.pth").read_bytes() == good
+        assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+        assert not (tmp_path / "model_0000009.pth").exists()
+    assert checkpointer.path_manager is path_manager
+
+
+def other_model_weights(folder) -> str:
+    """A checkpoint of another model: its one key is not the toy model's."""
+    path = os.path.join(folder, "other_model.pth")
+    torch.save({"model": {"backbone.net.not_a_parameter": torch.zeros(3)}}, path)
+    return path
+
+
+TOY_EVAL = ["--config", "configs/toy_vitdet.yaml", "--eval-only"]
+
+
+# Arguments with "{tmp}": the test's tmp_path, which holds other_model.pth.
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["MODEL.ATC.KEEP_RATIO", "0.5"], "unknown config key: Non-existent key: MODEL.ATC.KEEP_RATIO"),
-        (["DATASETS.TEST", "('coco_2017_val',)"], "coco/annotations/instances_val2017.json"),
+        ([*TOY_EVAL, "MODEL.ATC.KEEP_RATIO", "0.5"],
+         "unknown config key: Non-existent key: MODEL.ATC.KEEP_RATIO"),
+        ([*TOY_EVAL, "DATASETS.TEST", "('coco_2017_val',)"], "coco/annotations/instances_val2017.json"),
+        (["--config", "{tmp}/missing.yaml"], "config file '{tmp}/missing.yaml' not found"),
+        ([*TOY_EVAL, "SOLVER.MAX_ITER", "many"], "Type mismatch"),
+        ([*TOY_EVAL, "MODEL.WEIGHTS", "{tmp}/missing.pth"], "MODEL.WEIGHTS '{tmp}/missing.pth' is not a file"),
+        ([*TOY_EVAL, "MODEL.ATC.ENABLED", "True", "MODEL.ATC.KEEP_RATE", "[1.5]"],
+         "(MODEL.ATC.KEEP_RATE) is the fraction"),
+        ([*TOY_EVAL, "MODEL.ATC.ENABLED", "True", "MODEL.SEC.ENABLED", "True"],
+         "MODEL.ATC.ENABLED and MODEL.SEC.ENABLED are both True"),
+        # found while the model is built and loaded (in the process: one GPU or CPU)
+        ([*TOY_EVAL, "MODEL.WEIGHTS", "{tmp}/other_model.pth"],
+         "checkpoint keys don't match the model (missing in the checkpoint: ['backbone."),
+        (["--config", "configs/toy_vitdet.yaml", "MODEL.WEIGHTS", "{tmp}/other_model.pth"],
+         "not in the model: ['backbone.net.not_a_parameter']"),
     ],
 )
-def test_bad_input_is_one_clear_error(args, message, tmp_path, small_toy):
-    env = {"DETECTRON2_DATASETS": str(tmp_path)}
-    p = run(["--config", "configs/toy_vitdet.yaml", "--eval-only", *args], env)
-    assert p.returncode == 2
-    lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0], p.stderr[-2000:]
+def test_bad_input_is_one_clear_error(args, message, tmp_path, small_toy, tool_error):
+    other_model_weights(tmp_path)
+    line = tool_error("train_net.py", *(a.format(tmp=tmp_path) for a in args), "OUTPUT_DIR",
+                      str(tmp_path / "out"), env=small_toy)
+    assert message.format(tmp=tmp_path) in line
 
 
 def test_vitdet_b_without_coco_says_where_the_data_goes(tmp_path):
@@ -109,3 +165,30 @@ def test_vitdet_b_without_coco_says_where_the_data_goes(tmp_path):
     assert p.returncode == 2
     assert "coco/annotations/instances_val2017.json, " in p.stderr
     assert "datasets/README.md" in p.stderr
+
+
+
+def test_bad_weights_in_two_processes_exit_2_without_traceback(small_toy, tmp_path):
+    """A worker prints the error line and exits 2 (the other may be stopped before it prints
+    its own); the launcher exits 2 too, quietly."""
+    p = run(["--config", "configs/toy_vitdet.yaml", "--num-gpus", "2", *FAST, "MODEL.WEIGHTS",
+             other_model_weights(tmp_path), "OUTPUT_DIR", str(tmp_path / "out")], small_toy)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert errors and all("checkpoint keys don't match the model" in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--weights", "{tmp}/missing.pth"], "'{tmp}/missing.pth' not found: train the toy model first"),
+        (["--weights", "{tmp}/other_model.pth", "--config", "{tmp}/missing.yaml"],
+         "config file '{tmp}/missing.yaml' not found"),
+        (["--weights", "{tmp}/other_model.pth"], "checkpoint keys don't match the model"),
+    ],
+)
+def test_offshelf_bad_input_is_one_clear_error(args, message, tmp_path, small_toy, tool_error):
+    other_model_weights(tmp_path)
+    line = tool_error("offshelf_toy.py", *(a.format(tmp=tmp_path) for a in args), "--output-dir",
+                      str(tmp_path / "out"), "--docs", str(tmp_path / "docs"), env=small_toy)
+    assert message.format(tmp=tmp_path) in line

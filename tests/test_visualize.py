@@ -212,3 +212,21 @@ def test_tool_rejects_a_folder_without_images_in_one_line(repo_root, tmp_path):
         f"error: folder {str(tmp_path / 'empty')!r} holds no image files "
         f"(extensions {', '.join(visualize.IMAGE_EXTENSIONS)})"
     )
+
+
+# Arguments with "{tmp}": the test's tmp_path, which holds broken.png (not an image).
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--input", "{tmp}/missing"], "input '{tmp}/missing' is neither an image file nor a folder"),
+        (["--input", "{tmp}/broken.png"], "cannot read image '{tmp}/broken.png'"),
+        (["--input", "{tmp}/broken.png", "MODEL.ATC.KEEP_RATIO", "0.5"], "unknown config key"),
+        (["--input", "{tmp}/broken.png", "MODEL.WEIGHTS", "{tmp}/missing.pth"],
+         "MODEL.WEIGHTS '{tmp}/missing.pth' is not a file"),
+    ],
+)
+def test_tool_bad_input_is_one_clear_error(args, message, tmp_path, tool_error):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    line = tool_error("visualize_merged_tokens.py", "--config", TOY_CONFIG, "--output", str(tmp_path / "out"),
+                      *(a.format(tmp=tmp_path) for a in args))
+    assert message.format(tmp=tmp_path) in line

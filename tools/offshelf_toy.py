@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from typing import Callable
 
@@ -24,9 +23,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from detectron2.config import CfgNode  # noqa: E402
 
 from atc_det.data.datasets import prepare_datasets  # noqa: E402
-from atc_det.engine import Checkpointer, Trainer, load_config  # noqa: E402
+from atc_det.engine import Checkpointer, Trainer, exit_on_bad_input, load_config  # noqa: E402
 from atc_det.modeling import apply_atc, apply_sec  # noqa: E402
 
 # (label, METHOD, LINKAGE) of every clustering setting evaluated.
@@ -104,6 +104,18 @@ def plot(rows: list[dict], keep_rates: list[float], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def check_inputs(args: argparse.Namespace) -> CfgNode:
+    """The config, the validation data and the weights (loaded into the model once), before the
+    runs; returns the config."""
+    if not os.path.isfile(args.weights):
+        raise FileNotFoundError(f"{args.weights!r} not found: train the toy model first with "
+                                f"python tools/train_net.py --config {args.config}")
+    cfg = load_config(args.config, ["OUTPUT_DIR", args.output_dir, "MODEL.ATC.ENABLED", "False"])
+    prepare_datasets(list(cfg.DATASETS.TEST))
+    Checkpointer(Trainer.build_model(cfg)).load(args.weights)
+    return cfg
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config", default="configs/toy_vitdet.yaml")
@@ -112,13 +124,10 @@ def main() -> None:
     parser.add_argument("--output-dir", default="output/offshelf_toy", help="evaluator files")
     parser.add_argument("--docs", default="docs", help="where offshelf_toy.{md,json,png} go")
     args = parser.parse_args()
-    if not os.path.isfile(args.weights):
-        sys.exit(f"error: {args.weights!r} not found: train the toy model first with "
-                 f"python tools/train_net.py --config {args.config}")
     logging.basicConfig(level=logging.WARNING)
+    with exit_on_bad_input():
+        cfg = check_inputs(args)
     torch.manual_seed(0)
-    cfg = load_config(args.config, ["OUTPUT_DIR", args.output_dir, "MODEL.ATC.ENABLED", "False"])
-    prepare_datasets(list(cfg.DATASETS.TEST))
     blocks = list(range(1, cfg.MODEL.VIT.DEPTH))
     stock_features: list[torch.Tensor] = []
 

@@ -4,14 +4,22 @@
     python tools/train_net.py --config configs/toy_vitdet.yaml
     python tools/train_net.py --config configs/atc_vitdet_b.yaml --num-gpus 8
     python tools/train_net.py --config configs/atc_vitdet_b.yaml --eval-only MODEL.WEIGHTS model.pkl
+
+Bad input (config, data, weights) stops with one ``error: ...`` line and exit status 2: checked
+before any worker starts, and while the model is built and its weights loaded (with several
+processes, by each worker).
 """
+import os
 import sys
 
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from torch.multiprocessing import ProcessExitedException
 
 from atc_det.data.datasets import prepare_datasets
-from atc_det.engine import Checkpointer, Trainer, load_config, setup
+from atc_det.engine import Checkpointer, Trainer, check_weights, exit_on_bad_input, load_config, setup
+from atc_det.modeling import check_config
 
 
 def print_results(results) -> None:
@@ -26,21 +34,34 @@ def print_results(results) -> None:
 
 def main(args):
     cfg = setup(args)
+    with exit_on_bad_input():  # e.g. a checkpoint whose keys don't match the model
+        if args.eval_only:
+            model = Trainer.build_model(cfg)
+            Checkpointer(
+                model, save_dir=cfg.OUTPUT_DIR, strict=cfg.MODEL.WEIGHTS_STRICT
+            ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        else:
+            trainer = Trainer(cfg)
+            trainer.resume_or_load(resume=args.resume)
     if args.eval_only:
-        model = Trainer.build_model(cfg)
-        Checkpointer(
-            model, save_dir=cfg.OUTPUT_DIR, strict=cfg.MODEL.WEIGHTS_STRICT
-        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
     else:
-        trainer = Trainer(cfg)
-        trainer.resume_or_load(resume=args.resume)
         trainer.train()
         # DefaultTrainer.train() returns results only with TEST.EXPECTED_RESULTS set.
         results = getattr(trainer, "_last_eval_results", None)
     if comm.is_main_process() and results:
         print_results(results)
     return results
+
+
+def check_inputs(args) -> None:
+    """The config, the data and the weights, once in the launching process (one clear error)."""
+    cfg = load_config(args.config_file, args.opts)
+    check_config(cfg)
+    # --resume loads OUTPUT_DIR's last checkpoint instead of MODEL.WEIGHTS when there is one.
+    if not (args.resume and PathManager.exists(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
+        check_weights(cfg.MODEL.WEIGHTS)
+    prepare_datasets(list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)))
 
 
 def parse_args(argv=None):
@@ -51,18 +72,18 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     args = parse_args()
+    with exit_on_bad_input():
+        check_inputs(args)
     try:
-        # Check the config and the data once, before any worker starts (one clear error).
-        cfg = load_config(args.config_file, args.opts)
-        prepare_datasets(list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)))
-    except (KeyError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        sys.exit(2)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except ProcessExitedException as error:
+        if error.exit_code != 2:
+            raise
+        sys.exit(2)  # a worker stopped on bad input and printed its error line

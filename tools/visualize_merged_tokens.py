@@ -20,6 +20,8 @@ writes under ``--output``/NAME/:
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -32,13 +34,16 @@ from detectron2.utils.env import seed_all_rng
 
 from atc_det import visualize
 from atc_det.config import add_atc_det_config
-from atc_det.engine import Checkpointer, Trainer, load_config
-from atc_det.modeling.atc_vit import METHODS
+from atc_det.engine import Checkpointer, Trainer, check_weights, exit_on_bad_input, load_config
+from atc_det.registry import method_names
+
+KEY_LIKE = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z][A-Z0-9_]*)+")  # e.g. MODEL.ATC.KEEP_RATE
 
 
 def first_config_key(argv: list[str]) -> int:
-    """Index of the first full config key (e.g. ``MODEL.ATC.KEEP_RATE``, ``SEED``) in ``argv``,
-    ``len(argv)`` if none."""
+    """Index of the first config key in ``argv``: a full key (e.g. ``MODEL.ATC.KEEP_RATE``,
+    ``SEED``), or a dotted upper-case name under a top-level node that is not a file (a misspelt
+    key such as ``MODEL.ATC.KEEP_RATIO``, which ``load_config`` then names); ``len(argv)`` if none."""
     defaults = get_cfg()
     add_atc_det_config(defaults)
     missing = object()
@@ -47,6 +52,9 @@ def first_config_key(argv: list[str]) -> int:
         for part in token.split("."):
             node = node.get(part, missing) if isinstance(node, CfgNode) else missing
         if node is not missing and not isinstance(node, CfgNode):
+            return index
+        if (KEY_LIKE.fullmatch(token) and isinstance(defaults.get(token.split(".")[0]), CfgNode)
+                and not os.path.exists(token)):
             return index
     return len(argv)
 
@@ -67,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=4, help="images taken from --dataset")
     parser.add_argument("--output", required=True, help="folder for the PNG files")
     parser.add_argument("--keep-rates", type=float, nargs="*", default=[0.75, 0.5, 0.25])
-    parser.add_argument("--methods", nargs="*", default=["atc", "tome"], choices=METHODS)
+    parser.add_argument("--methods", nargs="*", default=["atc", "tome"], choices=method_names())
     parser.add_argument("--tile-size", type=int, default=256, help="long side of a sheet's tiles")
     parser.add_argument("--score-threshold", type=float, default=0.5)
     args = parser.parse_args(argv[:first_key])
@@ -120,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tile_size < 16:
         raise ValueError(f"--tile-size must be >= 16 pixels, got {args.tile_size}")
     cfg = load_config(args.config_file, list(args.opts) + ["MODEL.ATC.ENABLED", "True"])
+    check_weights(cfg.MODEL.WEIGHTS)
     sources = image_sources(args)
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)  # the same random weights on every run
     model = Trainer.build_model(cfg).eval()
@@ -142,8 +151,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_bad_input():
         main()
-    except (KeyError, FileNotFoundError, ValueError, TypeError) as error:
-        print(f"error: {error.args[0] if error.args else error}", file=sys.stderr)
-        sys.exit(2)

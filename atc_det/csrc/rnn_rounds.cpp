@@ -737,9 +737,11 @@ int cluster_batch(T* distances, const T* features, int64_t B, int64_t N, int64_t
     w.threads = split_rows ? threads : 1;
 #pragma omp for schedule(dynamic)
     for (int64_t b = 0; b < B; ++b) {
-      T* d = distances + b * N * N;
+      T* d;
       int64_t ld = N;
-      if (features != nullptr) {
+      if (distances != nullptr) {
+        d = distances + b * N * N;
+      } else {
         // Rows padded to whole 64-byte lines and aligned to one: no scan load or row store
         // straddles two cache lines.
         ld = round_up_to_tile(N);
