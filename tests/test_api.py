@@ -96,7 +96,7 @@ def test_timm_merge_mode_keeps_the_fraction_of_each_reductions_input():
 @pytest.mark.parametrize("keep_rate", [0.5, 0.3])
 def test_detectron2_merge_mode_clusters_the_clusters(keep_rate):
     vit = atc_det.apply_atc(small_vit(), keep_rate=keep_rate, blocks=[1, 3], mode="merge")
-    assert [type(b) for b in vit.blocks[1:]] == [type(vit.blocks[1])] * 3
+    assert [type(b).__name__ for b in vit.blocks] == ["Block", "ATCBlock", "ATCBlock", "ATCBlock"]
     maps = collect_source_maps(vit, torch.randn(2, 3, 224, 224))  # one full window per image
     first = int(keep_rate * 196)
     for image in range(2):

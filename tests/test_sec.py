@@ -9,7 +9,7 @@ from detectron2.modeling.backbone.utils import add_decomposed_rel_pos
 from detectron2.modeling.backbone.vit import Attention, Block
 
 from atc_det.config import add_atc_det_config
-from atc_det.modeling.sec_attention import SecAttention, apply_sec, apply_sec_from_cfg
+from atc_det.modeling.sec_attention import SecAttention, apply_sec, apply_sec_from_cfg, remove_sec
 from atc_det.sec import balanced_slots, gather_groups, scatter_groups, sec_group_indices
 
 torch.manual_seed(0)
@@ -147,15 +147,18 @@ def small_vit() -> ViT:
 
 def test_apply_sec_keeps_parameters_and_loads_vitdet_weights():
     vit = small_vit().eval()
-    state = vit.state_dict()
+    names = list(vit.state_dict())
     x = torch.randn(1, 3, 64, 64)
     before = vit(x)["last_feat"]
     apply_sec(vit, windowed=True, global_groups=2)
     assert [type(b.attn) for b in vit.blocks] == [SecAttention] * 4
     assert [b.attn.group_size for b in vit.blocks] == [16, 0, 16, 0]
     assert [b.attn.num_groups for b in vit.blocks] == [0, 2, 0, 2]
-    assert list(vit.state_dict()) == list(state)
-    vit.load_state_dict(state)
+    assert list(vit.state_dict()) == names
+    other = small_vit()  # other weights (another draw): loading them must reach SEC's modules
+    vit.load_state_dict(other.state_dict(), strict=True)
+    assert torch.equal(vit.blocks[1].attn.rel_pos_h, other.blocks[1].attn.rel_pos_h)
+    assert torch.equal(vit.blocks[1].attn.qkv.weight, other.blocks[1].attn.qkv.weight)
     after = vit(x)["last_feat"]
     assert after.shape == before.shape and not torch.allclose(after, before)
     after.sum().backward()
@@ -207,6 +210,15 @@ def test_toy_config_with_sec_enabled_builds_and_runs():
     model = build_model(cfg).eval()
     vit = model.backbone.net
     assert all(isinstance(b.attn, SecAttention) for b in vit.blocks)
+    model.roi_heads.box_predictor.test_score_thresh = 0.0
+    image = torch.rand(3, 256, 256) * 255
     with torch.no_grad():
-        out = model([{"image": torch.rand(3, 256, 256) * 255}])[0]["instances"]
-    assert out.image_size == (256, 256)
+        out = model([{"image": image}])[0]["instances"]
+        boxes = out.pred_boxes.tensor
+        assert len(out) > 0 and torch.isfinite(boxes).all()
+        assert (boxes >= 0).all() and (boxes <= 256).all()
+        # The SEC groups are what the detector ran on: removing them changes the features.
+        pixels = model.preprocess_image([{"image": image}]).tensor
+        with_sec = model.backbone(pixels)["p2"]
+        remove_sec(vit)
+        assert not torch.allclose(model.backbone(pixels)["p2"], with_sec, atol=1e-4)
