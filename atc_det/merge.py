@@ -46,14 +46,6 @@ def unmerge_tokens(x_merged: Tensor, labels: Tensor) -> Tensor:
     return x_merged.gather(1, labels[..., None].expand(-1, -1, x_merged.shape[-1]))
 
 
-def attention_size_bias(size: Tensor) -> Tensor:
-    """Proportional-attention bias log(size): [B, K] -> [B, 1, 1, K], added to attention logits.
-
-    A key standing for ``s`` identical tokens then gets the attention those ``s`` tokens would.
-    """
-    return size.log()[:, None, None, :]
-
-
 def compose_source(source: Tensor | None, labels: Tensor) -> Tensor:
     """Source map after one more reduction: original position -> current token index.
 

@@ -84,3 +84,20 @@ def test_setup_env_pins_every_requirement(metadata):
     required = metadata["install_requires"] + extras["test"] + extras["bench"] + extras["opencv"]
     assert {requirement_name(r) for r in required} <= pinned
     assert "pip install -q --no-deps -e ." in script
+
+
+def test_a_detectron2_without_vitdet_gets_one_clear_message():
+    """An old Detectron2 (no detectron2.modeling.backbone.vit) is named, with what to install."""
+    import subprocess
+
+    hide_vitdet = (
+        "import importlib.util, sys\n"
+        "find = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name.endswith('backbone.vit') "
+        "else find(name, *a)\n"
+        "try:\n    import atc_det.modeling\n"
+        "except ImportError as e:\n    print(e)\n    sys.exit(3)\n")
+    result = subprocess.run([sys.executable, "-c", hide_vitdet], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "Detectron2 with ViTDet" in result.stdout and "pip install" in result.stdout
