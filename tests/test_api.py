@@ -5,12 +5,11 @@ which is what attention over merged tokens with proportional attention must equa
 hierarchy for the partitions, and a NumPy ranking for SEC groups.
 """
 import copy
+import functools
 
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
-from detectron2.modeling import ViT
 from detectron2.modeling.backbone.utils import get_abs_pos
 from detectron2.modeling.backbone.vit import Attention as D2Attention
 from detectron2.modeling.backbone.vit import Block as D2Block
@@ -20,16 +19,11 @@ from timm.models.vision_transformer import VisionTransformer
 
 import atc_det
 from atc_det import registry
-from atc_det.config import add_atc_det_config
 from atc_det.modeling import check_config, collect_source_maps
+from conftest import make_cfg, small_vit, vit_features
 
-
-def small_vit(**overrides) -> ViT:
-    """A small Detectron2 ViTDet ViT: windows of 14, global blocks 1 and 3."""
-    torch.manual_seed(0)
-    kwargs = dict(img_size=224, patch_size=16, embed_dim=64, depth=4, num_heads=4, window_size=14,
-                  window_block_indexes=[0, 2], use_rel_pos=True, rel_pos_zero_init=False)
-    return ViT(**{**kwargs, **overrides}).eval()
+# conftest's small ViTDet ViT with Detectron2's own rel-pos tables and no drop path.
+d2_vit = functools.partial(small_vit, strong_rel_pos=False, drop_path_rate=0.0)
 
 
 def tiny_timm() -> VisionTransformer:
@@ -39,13 +33,7 @@ def tiny_timm() -> VisionTransformer:
                              num_classes=0, reg_tokens=1).eval()
 
 
-MODELS = {"detectron2": (small_vit, (2, 3, 224, 224)), "timm": (tiny_timm, (2, 3, 32, 32))}
-
-
-def run(model, images: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(images)
-    return out["last_feat"] if isinstance(out, dict) else out
+MODELS = {"detectron2": (d2_vit, (2, 3, 224, 224)), "timm": (tiny_timm, (2, 3, 32, 32))}
 
 
 def scipy_labels(features: torch.Tensor, num_clusters: int) -> np.ndarray:
@@ -75,19 +63,19 @@ def test_apply_and_remove_for_both_frameworks(framework):
     build, shape = MODELS[framework]
     model = build()
     images = torch.randn(shape)
-    expected, names = run(model, images), list(model.state_dict())
+    expected, names = vit_features(model, images), list(model.state_dict())
     classes = [type(b) for b in model.blocks]
     assert atc_det.apply_atc(model, keep_rate=0.5, blocks=[1, 2]) is model
     assert list(model.state_dict()) == names
-    assert not torch.allclose(run(model, images), expected, atol=1e-4)
+    assert not torch.allclose(vit_features(model, images), expected, atol=1e-4)
     atc_det.remove_atc(model)
     assert [type(b) for b in model.blocks] == classes
-    torch.testing.assert_close(run(model, images), expected, rtol=0, atol=0)
+    torch.testing.assert_close(vit_features(model, images), expected, rtol=0, atol=0)
 
 
 def test_timm_merge_mode_keeps_the_fraction_of_each_reductions_input():
     model = atc_det.apply_atc(tiny_timm(), keep_rate=[0.5, 0.25], blocks=[2, 1])
-    run(model, torch.randn(2, 3, 32, 32))
+    vit_features(model, torch.randn(2, 3, 32, 32))
     size = model._atc_info["size"]
     # 64 patch tokens -> int(0.5 * 64) = 32 (block 1) -> int(0.25 * 32) = 8 (block 2)
     assert size.shape == (2, 2 + 8) and (size[:, :2] == 1).all() and (size[:, 2:].sum(1) == 64).all()
@@ -95,7 +83,7 @@ def test_timm_merge_mode_keeps_the_fraction_of_each_reductions_input():
 
 @pytest.mark.parametrize("keep_rate", [0.5, 0.3])
 def test_detectron2_merge_mode_clusters_the_clusters(keep_rate):
-    vit = atc_det.apply_atc(small_vit(), keep_rate=keep_rate, blocks=[1, 3], mode="merge")
+    vit = atc_det.apply_atc(d2_vit(), keep_rate=keep_rate, blocks=[1, 3], mode="merge")
     assert [type(b).__name__ for b in vit.blocks] == ["Block", "ATCBlock", "ATCBlock", "ATCBlock"]
     maps = collect_source_maps(vit, torch.randn(2, 3, 224, 224))  # one full window per image
     first = int(keep_rate * 196)
@@ -108,7 +96,7 @@ def test_detectron2_merge_mode_clusters_the_clusters(keep_rate):
 
 
 def test_detectron2_merge_mode_equals_stock_blocks_on_cluster_means():
-    stock = small_vit(use_rel_pos=False)
+    stock = d2_vit(use_rel_pos=False)
     vit = atc_det.apply_atc(copy.deepcopy(stock), keep_rate=0.5, blocks=[1], mode="merge")
     images = torch.randn(2, 3, 224, 224)  # 14 x 14 tokens: one window per image
     with torch.no_grad():
@@ -123,7 +111,7 @@ def test_detectron2_merge_mode_equals_stock_blocks_on_cluster_means():
         for block in stock.blocks[1:]:
             x = block(x)
         expected = x.permute(0, 3, 1, 2)
-    torch.testing.assert_close(run(vit, images), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(vit_features(vit, images), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_timm_dense_mode_equals_stock_block_on_cluster_means():
@@ -151,7 +139,8 @@ def test_keep_rate_one_equals_stock_in_both_modes_and_frameworks(mode):
         stock = build()
         images = torch.randn(shape)
         model = atc_det.apply_atc(copy.deepcopy(stock), keep_rate=1.0, blocks=[1, 2, 3], mode=mode)
-        torch.testing.assert_close(run(model, images), run(stock, images), rtol=1e-4, atol=1e-5)
+        expected = vit_features(stock, images)
+        torch.testing.assert_close(vit_features(model, images), expected, rtol=1e-4, atol=1e-5)
 
 
 BAD_ARGUMENTS = [
@@ -186,7 +175,7 @@ def test_framework_options_are_rejected_where_they_do_not_apply():
     with pytest.raises(ValueError, match="scope applies to Detectron2"):
         atc_det.apply_atc(tiny_timm(), scope="image")
     with pytest.raises(ValueError, match="needs scope 'window'"):
-        atc_det.apply_atc(small_vit(), mode="merge", scope="image")
+        atc_det.apply_atc(d2_vit(), mode="merge", scope="image")
     with pytest.raises(ValueError, match="windowed"):
         atc_det.apply_sec(tiny_timm(), windowed=False)
     with pytest.raises(TypeError, match="Detectron2 ViT .* or a timm VisionTransformer"):
@@ -206,7 +195,8 @@ def test_a_registered_method_works_in_every_adapter(framework, monkeypatch):
     with pytest.raises(ValueError, match="already registered"):
         registry.register_method("atc", counted)
     build, shape = MODELS[framework]
-    run(atc_det.apply_atc(build(), keep_rate=0.5, blocks=[1], method="counted"), torch.randn(shape))
+    model = atc_det.apply_atc(build(), keep_rate=0.5, blocks=[1], method="counted")
+    vit_features(model, torch.randn(shape))
     assert calls and all(k > 1 for k in calls)
 
 
@@ -229,16 +219,16 @@ def test_remove_sec_restores_the_stock_model(framework):
     build, shape = MODELS[framework]
     model = build()
     images = torch.randn(shape)
-    expected, names = run(model, images), list(model.state_dict())
+    expected, names = vit_features(model, images), list(model.state_dict())
     windows = [getattr(b, "window_size", None) for b in model.blocks]
     atc_det.apply_sec(model, global_groups=2)
     assert list(model.state_dict()) == names
-    assert not torch.allclose(run(model, images), expected, atol=1e-4)
+    assert not torch.allclose(vit_features(model, images), expected, atol=1e-4)
     atc_det.remove_sec(model)
     assert [getattr(b, "window_size", None) for b in model.blocks] == windows
     if framework == "detectron2":
         assert all(type(b.attn) is D2Attention and type(b) is D2Block for b in model.blocks)
-    torch.testing.assert_close(run(model, images), expected, rtol=0, atol=0)
+    torch.testing.assert_close(vit_features(model, images), expected, rtol=0, atol=0)
 
 
 def test_timm_sec_attention_equals_masked_attention_over_numpy_groups():
@@ -265,16 +255,6 @@ def test_timm_sec_attention_equals_masked_attention_over_numpy_groups():
         torch.testing.assert_close(attn(x), expected, rtol=1e-4, atol=1e-5)
 
 
-def atc_sec_cfg(**keys):
-    cfg = get_cfg()
-    add_atc_det_config(cfg)
-    cfg.MODEL.ATC.ENABLED = True
-    for key, value in keys.items():
-        section, name = key.split("__")
-        setattr(getattr(cfg.MODEL, section), name, value)
-    return cfg
-
-
 @pytest.mark.parametrize("keys, message", [
     (dict(SEC__ENABLED=True), "both True"),
     (dict(ATC__KEEP_RATE=[1.5]), r"MODEL\.ATC\.KEEP_RATE"),
@@ -285,4 +265,4 @@ def atc_sec_cfg(**keys):
 ])
 def test_check_config_names_the_key_without_building_a_model(keys, message):
     with pytest.raises(ValueError, match=message):
-        check_config(atc_sec_cfg(**keys))
+        check_config(make_cfg(**{"ATC__ENABLED": True, **keys}))

@@ -3,44 +3,16 @@ import copy
 
 import pytest
 import torch
-from detectron2.config import get_cfg
-from detectron2.modeling import ViT
+from detectron2.modeling import build_model
 
-from atc_det.registry import get_method, method_names
-from atc_det.config import add_atc_det_config
+from atc_det.engine import Checkpointer
 from atc_det.modeling import apply_atc, apply_atc_from_cfg, collect_source_maps
+from atc_det.registry import method_names
+from conftest import make_cfg, small_vit, tiny_vitdet_pair, vit_features, write_model_zoo_pkl
 
 SHAPES = [(2, 224, 224), (2, 200, 312), (1, 96, 96), (1, 16, 48)]
-
-
-def small_vit(**overrides) -> ViT:
-    """A small ViTDet ViT (windows 14, global blocks 1 and 3) with non-zero rel-pos tables."""
-    torch.manual_seed(0)
-    kwargs = dict(
-        img_size=224,
-        patch_size=16,
-        embed_dim=64,
-        depth=4,
-        num_heads=4,
-        window_size=14,
-        window_block_indexes=[0, 2],
-        use_rel_pos=True,
-        rel_pos_zero_init=False,
-        drop_path_rate=0.1,
-    )
-    kwargs.update(overrides)
-    vit = ViT(**kwargs).eval()
-    with torch.no_grad():
-        for block in vit.blocks:  # rel-pos large enough to matter
-            if block.attn.use_rel_pos:
-                block.attn.rel_pos_h.normal_(std=0.5)
-                block.attn.rel_pos_w.normal_(std=0.5)
-    return vit
-
-
-def features(vit: ViT, images: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return vit(images)["last_feat"]
+# MODEL.ATC keys of every config here unless a test gives others.
+ATC_ON = dict(ATC__ENABLED=True, ATC__BLOCKS=[1, 2, 3])
 
 
 @pytest.mark.parametrize("scope,rel_pos", [("window", "centroid"), ("image", "mean")])
@@ -49,8 +21,8 @@ def test_keep_rate_one_equals_detectron2(batch, height, width, scope, rel_pos):
     stock = small_vit(residual_block_indexes=[1])
     patched = apply_atc(copy.deepcopy(stock), keep_rate=1.0, blocks=range(4), scope=scope, rel_pos=rel_pos)
     images = torch.randn(batch, 3, height, width)
-    expected = features(stock, images)
-    torch.testing.assert_close(features(patched, images), expected, rtol=1e-4, atol=1e-5)
+    expected = vit_features(stock, images)
+    torch.testing.assert_close(vit_features(patched, images), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("rel_pos", ["centroid", "mean"])
@@ -60,7 +32,8 @@ def test_zero_threshold_clusters_nothing_and_equals_detectron2(rel_pos):
     stock = small_vit()
     patched = apply_atc(copy.deepcopy(stock), blocks=range(4), threshold=0.0, rel_pos=rel_pos)
     images = torch.randn(2, 3, 224, 224)
-    torch.testing.assert_close(features(patched, images), features(stock, images), rtol=1e-4, atol=1e-5)
+    expected = vit_features(stock, images)
+    torch.testing.assert_close(vit_features(patched, images), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("linkage", ["single", "complete", "average"])
@@ -75,10 +48,10 @@ def test_merging_duplicate_tokens_is_exact_with_proportional_attention(linkage):
     torch.manual_seed(1)
     distinct = torch.randn(2, 3, 224, 9, 16)
     images = distinct[:, :, :, columns].reshape(2, 3, 224, 224)
-    expected = features(stock, images)
-    torch.testing.assert_close(features(patched, images), expected, rtol=1e-4, atol=1e-4)
+    expected = vit_features(stock, images)
+    torch.testing.assert_close(vit_features(patched, images), expected, rtol=1e-4, atol=1e-4)
     no_prop = apply_atc(copy.deepcopy(stock), keep_rate=keep, blocks=range(4), prop_attn=False)
-    assert not torch.allclose(features(no_prop, images), expected, atol=1e-3)
+    assert not torch.allclose(vit_features(no_prop, images), expected, atol=1e-3)
 
 
 @pytest.mark.parametrize("linkage", ["single", "complete", "average"])
@@ -87,7 +60,7 @@ def test_reduced_model_keeps_stock_shapes(batch, height, width, linkage):
     stock = small_vit()
     patched = apply_atc(copy.deepcopy(stock), keep_rate=0.5, linkage=linkage, blocks=[1, 2, 3])
     images = torch.randn(batch, 3, height, width)
-    out, expected = features(patched, images), features(stock, images)
+    out, expected = vit_features(patched, images), vit_features(stock, images)
     assert out.shape == expected.shape
     assert torch.isfinite(out).all()
     if height * width > 96 * 96:  # smaller images have fewer real tokens than clusters
@@ -98,7 +71,7 @@ def test_reduced_model_keeps_stock_shapes(batch, height, width, linkage):
 @pytest.mark.parametrize("scope,metric", [("window", "keys"), ("image", "input")])
 def test_every_method_scope_and_metric_runs(method, scope, metric):
     patched = apply_atc(small_vit(), keep_rate=0.25, method=method, scope=scope, metric=metric)
-    out = features(patched, torch.randn(2, 3, 200, 312))
+    out = vit_features(patched, torch.randn(2, 3, 200, 312))
     assert out.shape == (2, 64, 12, 19) and torch.isfinite(out).all()
 
 
@@ -106,7 +79,7 @@ def test_rel_pos_modes_differ_only_for_merged_tokens():
     stock = small_vit()
     images = torch.randn(1, 3, 200, 312)
     centroid, mean = (
-        features(apply_atc(copy.deepcopy(stock), keep_rate=0.5, rel_pos=mode), images)
+        vit_features(apply_atc(copy.deepcopy(stock), keep_rate=0.5, rel_pos=mode), images)
         for mode in ("centroid", "mean")
     )
     assert torch.isfinite(mean).all() and not torch.allclose(centroid, mean, atol=1e-4)
@@ -133,7 +106,8 @@ def test_parameter_names_and_checkpoint_unchanged():
     patched.load_state_dict(stock.state_dict(), strict=True)  # raises on missing / unexpected keys
     # The patched blocks compute with the loaded weights: at keep 1.0 they equal the stock model.
     images = torch.randn(1, 3, 224, 224)
-    torch.testing.assert_close(features(patched, images), features(stock, images), rtol=1e-4, atol=1e-5)
+    expected = vit_features(stock, images)
+    torch.testing.assert_close(vit_features(patched, images), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_source_maps_give_a_cluster_per_patch():
@@ -147,18 +121,9 @@ def test_source_maps_give_a_cluster_per_patch():
     assert all(b._atc_source_map is None for b in patched.blocks[1:3])
 
 
-def atc_cfg(**keys):
-    cfg = get_cfg()
-    add_atc_det_config(cfg)
-    cfg.MODEL.ATC.ENABLED = True
-    cfg.MODEL.ATC.BLOCKS = [1, 2, 3]
-    for key, value in keys.items():
-        setattr(cfg.MODEL.ATC, key, value)
-    return cfg
-
-
 def test_apply_atc_from_cfg_uses_the_keys():
-    cfg = atc_cfg(KEEP_RATE=[0.75, 0.5], BLOCKS=[2, 3], METHOD="tome", SCOPE="image", REL_POS="mean")
+    cfg = make_cfg(**{**ATC_ON, "ATC__KEEP_RATE": [0.75, 0.5], "ATC__BLOCKS": [2, 3],
+                      "ATC__METHOD": "tome", "ATC__SCOPE": "image", "ATC__REL_POS": "mean"})
     vit = apply_atc_from_cfg(small_vit(), cfg)
     assert [type(b).__name__ for b in vit.blocks] == ["Block", "Block", "ATCBlock", "ATCBlock"]
     assert [b._atc.keep_rate for b in vit.blocks[2:]] == [0.75, 0.5]
@@ -169,21 +134,21 @@ def test_apply_atc_from_cfg_uses_the_keys():
 @pytest.mark.parametrize(
     "keys,message",
     [
-        (dict(KEEP_RATE=[0.0]), "MODEL.ATC.KEEP_RATE"),
-        (dict(KEEP_RATE=[1.5]), "MODEL.ATC.KEEP_RATE"),
-        (dict(KEEP_RATE=[0.5, 0.5]), "MODEL.ATC.KEEP_RATE"),
-        (dict(LINKAGE="ward"), "MODEL.ATC.LINKAGE"),
-        (dict(METHOD="kmeans"), "MODEL.ATC.METHOD"),
-        (dict(METRIC="values"), "MODEL.ATC.METRIC"),
-        (dict(SCOPE="batch"), "MODEL.ATC.SCOPE"),
-        (dict(REL_POS="nearest"), "MODEL.ATC.REL_POS"),
-        (dict(BLOCKS=[4]), "MODEL.ATC.BLOCKS"),
-        (dict(METHOD="tome", THRESHOLD=0.5), "MODEL.ATC.THRESHOLD"),
+        (dict(ATC__KEEP_RATE=[0.0]), "MODEL.ATC.KEEP_RATE"),
+        (dict(ATC__KEEP_RATE=[1.5]), "MODEL.ATC.KEEP_RATE"),
+        (dict(ATC__KEEP_RATE=[0.5, 0.5]), "MODEL.ATC.KEEP_RATE"),
+        (dict(ATC__LINKAGE="ward"), "MODEL.ATC.LINKAGE"),
+        (dict(ATC__METHOD="kmeans"), "MODEL.ATC.METHOD"),
+        (dict(ATC__METRIC="values"), "MODEL.ATC.METRIC"),
+        (dict(ATC__SCOPE="batch"), "MODEL.ATC.SCOPE"),
+        (dict(ATC__REL_POS="nearest"), "MODEL.ATC.REL_POS"),
+        (dict(ATC__BLOCKS=[4]), "MODEL.ATC.BLOCKS"),
+        (dict(ATC__METHOD="tome", ATC__THRESHOLD=0.5), "MODEL.ATC.THRESHOLD"),
     ],
 )
 def test_bad_settings_raise_one_clear_error(keys, message):
     with pytest.raises(ValueError, match=message):
-        apply_atc_from_cfg(small_vit(), atc_cfg(**keys))
+        apply_atc_from_cfg(small_vit(), make_cfg(**{**ATC_ON, **keys}))
 
 
 def test_apply_atc_rejects_other_modules():
@@ -195,20 +160,9 @@ def test_official_checkpoint_in_atc_model_equals_detectron2_lazyconfig_vitdet(tm
     """configs/atc_vitdet_b.yaml (shrunk) loads an official-format .pkl of Detectron2's own
     LazyConfig ViTDet with no missing or unexpected keys; at keep rate 1.0 its backbone gives
     Detectron2's features, and at 0.5 the whole detector runs."""
-    from detectron2.modeling import build_model
-    from test_vitdet_model import TINY_VIT, _write_model_zoo_pkl, lazy_vitdet, ours
-
-    from atc_det.engine import Checkpointer
-
-    torch.manual_seed(0)
-    theirs = lazy_vitdet(**TINY_VIT)
-    with torch.no_grad():
-        for name, param in theirs.named_parameters():
-            if "rel_pos" in name:
-                param.normal_(0, 0.5)
+    theirs, _, cfg = tiny_vitdet_pair("atc_vitdet_b.yaml")
     path = str(tmp_path / "model_final.pkl")
-    _write_model_zoo_pkl(path, theirs.state_dict())
-    _, cfg = ours("atc_vitdet_b.yaml", **TINY_VIT)
+    write_model_zoo_pkl(path, theirs.state_dict())
     images = torch.randn(1, 3, 320, 320)
     for keep in (1.0, 0.5):
         cfg.defrost()

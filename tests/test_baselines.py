@@ -6,6 +6,7 @@ import torch
 
 from atc_det.baselines import dpcknn_clustering, kmedoids_clustering, random_clustering, tome_clustering
 from atc_det.registry import get_method, method_names
+from conftest import same_partition
 
 BASELINES = ("tome", "kmedoids", "dpcknn", "random")
 
@@ -24,11 +25,6 @@ def blobs(seed, num_blobs, per_blob, channels=8, spread=0.05):
     x = centres[truth] + spread * torch.randn(len(truth), channels, generator=gen)
     perm = torch.randperm(len(truth), generator=gen)
     return x[perm][None], truth[perm]
-
-
-def same_partition(a, b) -> bool:
-    a, b = np.asarray(a), np.asarray(b)
-    return bool(((a[:, None] == a[None, :]) == (b[:, None] == b[None, :])).all())
 
 
 @pytest.mark.parametrize("name", BASELINES)

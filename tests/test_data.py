@@ -11,8 +11,7 @@ from detectron2.data.datasets import load_coco_json
 
 from atc_det.data.toy_shapes import CATEGORIES, generate_toy_shapes
 from atc_det.engine import CheckedDatasetMapper, load_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +53,7 @@ def test_masks_of_one_image_do_not_overlap(toy):
 def test_detectron2_loader_and_mapper(toy):
     dicts = load_coco_json(os.path.join(toy, "annotations", "val.json"), os.path.join(toy, "val"))
     assert len(dicts) == 4
-    cfg = load_config(os.path.join(ROOT, "configs", "toy_vitdet.yaml"))
+    cfg = load_config(os.path.join(CONFIGS, "toy_vitdet.yaml"))
     out = CheckedDatasetMapper(cfg, is_train=True)(dicts[0])
     assert out["image"].shape == (3, 256, 256)
     inst = out["instances"]
@@ -67,7 +66,7 @@ def test_unreadable_image_is_one_clear_error(toy, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
     record = dict(dicts[0], file_name=str(bad))
-    cfg = load_config(os.path.join(ROOT, "configs", "toy_vitdet.yaml"))
+    cfg = load_config(os.path.join(CONFIGS, "toy_vitdet.yaml"))
     with pytest.raises(OSError, match="cannot read image .*broken.png"):
         CheckedDatasetMapper(cfg, is_train=False)(record)
 

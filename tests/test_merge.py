@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from atc_det.clustering import agglomerative_clustering
-from atc_det.merge import attention_size_bias, compose_source, merge_tokens, unmerge_tokens
+from atc_det.merge import compose_source, merge_tokens, unmerge_tokens
+from atc_det.reduction import cluster_attention_bias
 
 
 def _loop_merge(x, labels, k, size):
@@ -64,8 +65,10 @@ def test_unmerge_gives_every_member_its_cluster_mean():
 
 def test_empty_cluster_is_zero_with_masked_bias():
     merged, size = merge_tokens(torch.ones(1, 2, 3), torch.tensor([[0, 0]]), 2)
-    assert merged[0, 1].abs().sum() == 0 and size[0, 1] == 0
-    assert attention_size_bias(size)[0, 0, 0, 1] == -math.inf
+    assert merged[0, 1].abs().sum() == 0 and size.tolist() == [[2.0, 0.0]]
+    assert cluster_attention_bias(size, prop_attn=True)[0, 1] == -math.inf
+    # Without proportional attention: no bias for the used slot, the empty one still masked.
+    assert cluster_attention_bias(size, prop_attn=False).tolist() == [[0.0, -math.inf]]
 
 
 def test_size_bias_equals_duplicated_keys():
@@ -73,12 +76,12 @@ def test_size_bias_equals_duplicated_keys():
     torch.manual_seed(3)
     q, k, v = torch.randn(1, 4, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 8)
     size = torch.tensor([[2.0, 1.0, 3.0]])
-    logits = q @ k.mT + attention_size_bias(size)[:, 0]
-    out = logits.softmax(-1) @ v
+    bias = cluster_attention_bias(size, prop_attn=True)
+    assert bias.shape == (1, 3)
+    out = (q @ k.mT + bias[:, None, :]).softmax(-1) @ v
     repeat = torch.tensor([0, 0, 1, 2, 2, 2])
     ref = (q @ k[:, repeat].mT).softmax(-1) @ v[:, repeat]
     torch.testing.assert_close(out, ref)
-    assert attention_size_bias(size).shape == (1, 1, 1, 3)
 
 
 def test_compose_source_over_two_reductions():
@@ -88,11 +91,12 @@ def test_compose_source_over_two_reductions():
     merged, size = merge_tokens(x, labels1, 10)
     labels2 = agglomerative_clustering(merged, 4)
     source = compose_source(compose_source(None, labels1), labels2)
-    for b in range(2):
-        for i in range(16):  # direct composition of the label arrays
-            assert source[b, i] == labels2[b, labels1[b, i]]
-    # The merged-twice token equals the size-weighted mean of its original positions.
+    assert source.shape == (2, 16)
     merged2, size2 = merge_tokens(merged, labels2, 4, size)
+    # Unmerging with the composed source equals unmerging the two reductions one after the other.
+    stepwise = unmerge_tokens(unmerge_tokens(merged2, labels2), labels1)
+    torch.testing.assert_close(unmerge_tokens(merged2, source), stepwise, rtol=0, atol=0)
+    # The merged-twice token equals the size-weighted mean of its original positions.
     for b in range(2):
         for c in range(4):
             torch.testing.assert_close(merged2[b, c], x[b, source[b] == c].mean(0))

@@ -2,25 +2,16 @@
 Detectron2's own Attention / Block / add_decomposed_rel_pos and a brute-force per-group loop."""
 import pytest
 import torch
-import torch.nn.functional as F
-from detectron2.config import get_cfg
 from detectron2.modeling import ViT
 from detectron2.modeling.backbone.utils import add_decomposed_rel_pos
 from detectron2.modeling.backbone.vit import Attention, Block
 
-from atc_det.config import add_atc_det_config
 from atc_det.modeling.sec_attention import SecAttention, apply_sec, apply_sec_from_cfg, remove_sec
 from atc_det.sec import balanced_slots, gather_groups, scatter_groups, sec_group_indices
+from conftest import make_cfg, reference_groups
 
 torch.manual_seed(0)
 DIM, HEADS = 32, 4
-
-
-def reference_groups(keys: torch.Tensor, num_groups: int) -> list:
-    """Brute force: rank tokens by cosine(key, mean key) and split the ranking into G chunks."""
-    similarity = F.cosine_similarity(keys, keys.mean(0, keepdim=True), dim=-1)
-    order = sorted(range(keys.shape[0]), key=lambda n: (similarity[n].item(), n))
-    return [chunk.tolist() for chunk in torch.tensor_split(torch.tensor(order), num_groups)]
 
 
 def reference_sec_attention(attn: Attention, x: torch.Tensor, num_groups: int, bias_fn):
@@ -138,7 +129,9 @@ def test_window_groups_with_clamped_rel_pos_match_loop():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def small_vit() -> ViT:
+def tiny_sec_vit() -> ViT:
+    """A 64 px ViT with 8x8 tokens: windows of 4 in blocks 0 and 2, blocks 1 and 3 global (not
+    seeded: each call is another draw)."""
     return ViT(
         img_size=64, patch_size=8, embed_dim=DIM, depth=4, num_heads=HEADS, window_size=4,
         window_block_indexes=[0, 2], use_rel_pos=True, rel_pos_zero_init=False,
@@ -146,7 +139,7 @@ def small_vit() -> ViT:
 
 
 def test_apply_sec_keeps_parameters_and_loads_vitdet_weights():
-    vit = small_vit().eval()
+    vit = tiny_sec_vit().eval()
     names = list(vit.state_dict())
     x = torch.randn(1, 3, 64, 64)
     before = vit(x)["last_feat"]
@@ -155,7 +148,7 @@ def test_apply_sec_keeps_parameters_and_loads_vitdet_weights():
     assert [b.attn.group_size for b in vit.blocks] == [16, 0, 16, 0]
     assert [b.attn.num_groups for b in vit.blocks] == [0, 2, 0, 2]
     assert list(vit.state_dict()) == names
-    other = small_vit()  # other weights (another draw): loading them must reach SEC's modules
+    other = tiny_sec_vit()  # other weights (another draw): loading them must reach SEC's modules
     vit.load_state_dict(other.state_dict(), strict=True)
     assert torch.equal(vit.blocks[1].attn.rel_pos_h, other.blocks[1].attn.rel_pos_h)
     assert torch.equal(vit.blocks[1].attn.qkv.weight, other.blocks[1].attn.qkv.weight)
@@ -166,33 +159,25 @@ def test_apply_sec_keeps_parameters_and_loads_vitdet_weights():
 
 
 def test_apply_sec_leaves_unselected_and_one_group_blocks():
-    vit = apply_sec(small_vit(), windowed=False, global_groups=1)
+    vit = apply_sec(tiny_sec_vit(), windowed=False, global_groups=1)
     assert all(type(b.attn) is Attention for b in vit.blocks)
-    vit = apply_sec(small_vit(), windowed=True, global_groups=3, blocks=[1, 2])
+    vit = apply_sec(tiny_sec_vit(), windowed=True, global_groups=3, blocks=[1, 2])
     assert [type(b.attn).__name__ for b in vit.blocks] == [
         "Attention", "SecAttention", "SecAttention", "Attention"
     ]
     assert [b.window_size for b in vit.blocks] == [4, 0, 0, 0]
 
 
-def sec_cfg(**keys):
-    cfg = get_cfg()
-    add_atc_det_config(cfg)
-    for key, value in keys.items():
-        setattr(cfg.MODEL.SEC, key, value)
-    return cfg
-
-
 def test_apply_sec_from_cfg_and_errors_name_the_key():
-    vit = apply_sec_from_cfg(small_vit(), sec_cfg(GLOBAL_GROUPS=2, BLOCKS=[0, 1]))
+    vit = apply_sec_from_cfg(tiny_sec_vit(), make_cfg(SEC__GLOBAL_GROUPS=2, SEC__BLOCKS=[0, 1]))
     assert [type(b.attn).__name__ for b in vit.blocks[:3]] == ["SecAttention"] * 2 + ["Attention"]
     for keys, name in [
-        ({"GLOBAL_GROUPS": 0}, "MODEL.SEC.GLOBAL_GROUPS"),
-        ({"BLOCKS": [1, 4]}, "MODEL.SEC.BLOCKS"),
-        ({"WINDOWED": 1}, "MODEL.SEC.WINDOWED"),
+        ({"SEC__GLOBAL_GROUPS": 0}, "MODEL.SEC.GLOBAL_GROUPS"),
+        ({"SEC__BLOCKS": [1, 4]}, "MODEL.SEC.BLOCKS"),
+        ({"SEC__WINDOWED": 1}, "MODEL.SEC.WINDOWED"),
     ]:
         with pytest.raises(ValueError, match=name):
-            apply_sec_from_cfg(small_vit(), sec_cfg(**keys))
+            apply_sec_from_cfg(tiny_sec_vit(), make_cfg(**keys))
     with pytest.raises(TypeError, match="ViT"):
         apply_sec(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="num_groups"):
@@ -204,9 +189,7 @@ def test_toy_config_with_sec_enabled_builds_and_runs():
 
     import atc_det.modeling.backbone  # noqa: F401  (registers build_vitdet_backbone)
 
-    cfg = sec_cfg(ENABLED=True, GLOBAL_GROUPS=4)
-    cfg.merge_from_file("configs/toy_vitdet.yaml")
-    cfg.MODEL.DEVICE = "cpu"
+    cfg = make_cfg("toy_vitdet.yaml", SEC__ENABLED=True, SEC__GLOBAL_GROUPS=4, DEVICE="cpu")
     model = build_model(cfg).eval()
     vit = model.backbone.net
     assert all(isinstance(b.attn, SecAttention) for b in vit.blocks)

@@ -11,18 +11,16 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 from fvcore.nn import FlopCountAnalysis
 
-from atc_det.config import add_atc_det_config
 from atc_det.modeling.secvit_backbone import (
     SECVIT_PAPER,
     SECVIT_VARIANTS,
     SecAttention2d,
     SecViT,
-    add_secvit_config,
     build_secvit,
     rotary_tables,
     secvit_classifier,
 )
-from test_sec import reference_groups
+from conftest import make_cfg, reference_groups
 
 torch.manual_seed(0)
 
@@ -96,19 +94,9 @@ def test_sec_attention_matches_per_group_sdpa(group_size, num_groups):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def secvit_cfg(config_file=None):
-    cfg = get_cfg()
-    add_atc_det_config(cfg)
-    add_secvit_config(cfg)
-    if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
-
-
 @pytest.mark.parametrize("variant", ["t", "s", "b", "l"])
 def test_config_files_build_the_paper_variants(variant):
-    cfg = secvit_cfg(f"configs/secvit_{variant}_mask_rcnn.yaml")
+    cfg = make_cfg(f"secvit_{variant}_mask_rcnn.yaml", DEVICE="cpu")
     body = build_secvit(cfg, ShapeSpec(channels=3))
     classifier_body = secvit_classifier(variant.upper()).body
     out_norm_params = sum(p.numel() for p in body.out_norms.parameters())
@@ -118,7 +106,7 @@ def test_config_files_build_the_paper_variants(variant):
 
 
 def test_fpn_backbone_outputs_p2_to_p6():
-    cfg = secvit_cfg("configs/secvit_t_mask_rcnn.yaml")
+    cfg = make_cfg("secvit_t_mask_rcnn.yaml", DEVICE="cpu")
     backbone = build_backbone(cfg).eval()
     shapes = backbone.output_shape()
     assert {k: v.stride for k, v in shapes.items()} == {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
@@ -130,7 +118,7 @@ def test_fpn_backbone_outputs_p2_to_p6():
 
 
 def test_mask_rcnn_trains_and_infers():
-    cfg = secvit_cfg("configs/secvit_t_mask_rcnn.yaml")
+    cfg = make_cfg("secvit_t_mask_rcnn.yaml", DEVICE="cpu")
     cfg.MODEL.SECVIT.DEPTHS = [1, 1, 1, 1]
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
     model = build_model(cfg)

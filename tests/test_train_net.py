@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
+
 TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
 # A smaller toy model and data loading for quick runs.
 FAST = [
@@ -51,7 +52,16 @@ def test_train_then_eval_only(small_toy, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.search(r"^segm AP: \d+\.\d\d  AP50: ", p.stdout, re.M)
     with open(os.path.join(out, "inference", "toy_shapes_val", "coco_instances_results.json")) as f:
-        assert isinstance(json.load(f), list)
+        results = json.load(f)
+    toy = os.path.join(small_toy["DETECTRON2_DATASETS"], "toy_shapes")
+    with open(os.path.join(toy, "annotations", "val.json")) as f:
+        val = json.load(f)
+    image_ids = {image["id"] for image in val["images"]}
+    category_ids = {category["id"] for category in val["categories"]}
+    assert results
+    for result in results:
+        assert result["image_id"] in image_ids and result["category_id"] in category_ids, result
+        assert "bbox" in result and "segmentation" in result, result
 
 
 def test_resume_after_kill_loses_only_iterations_since_last_checkpoint(small_toy, tmp_path):
@@ -86,7 +96,7 @@ def test_two_process_cpu_training(small_toy, tmp_path):
              "SOLVER.MAX_ITER", "3", "DATASETS.TEST", "()", "OUTPUT_DIR", out], small_toy)
     assert p.returncode == 0, p.stderr[-3000:]
     log = open(os.path.join(out, "log.txt")).read()
-    assert "world size: 2" in log.lower() or "Rank of current process: 0. World size: 2" in log
+    assert "Rank of current process: 0. World size: 2" in log
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
 
 
@@ -160,12 +170,11 @@ def test_bad_input_is_one_clear_error(args, message, tmp_path, small_toy, tool_e
     assert message.format(tmp=tmp_path) in line
 
 
-def test_vitdet_b_without_coco_says_where_the_data_goes(tmp_path):
-    p = run(["--config", "configs/vitdet_b.yaml"], {"DETECTRON2_DATASETS": str(tmp_path)})
-    assert p.returncode == 2
-    assert "coco/annotations/instances_val2017.json, " in p.stderr
-    assert "datasets/README.md" in p.stderr
-
+def test_vitdet_b_without_coco_says_where_the_data_goes(tmp_path, tool_error):
+    line = tool_error("train_net.py", "--config", "configs/vitdet_b.yaml",
+                      env={"DETECTRON2_DATASETS": str(tmp_path)})
+    assert "coco/annotations/instances_val2017.json, " in line
+    assert "datasets/README.md" in line
 
 
 def test_bad_weights_in_two_processes_exit_2_without_traceback(small_toy, tmp_path):

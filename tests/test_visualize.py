@@ -2,8 +2,6 @@
 with random weights; references: NumPy's kron, PIL's nearest resize, SciPy's ndimage.mean."""
 import importlib.util
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -199,16 +197,11 @@ def test_tool_names_an_unreadable_image(repo_root, tmp_path):
         run_tool(repo_root, broken, tmp_path / "out")
 
 
-def test_tool_rejects_a_folder_without_images_in_one_line(repo_root, tmp_path):
+def test_tool_rejects_a_folder_without_images_in_one_line(tmp_path, tool_error):
     (tmp_path / "empty").mkdir()
-    result = subprocess.run(
-        [sys.executable, os.path.join(repo_root, "tools", "visualize_merged_tokens.py"),
-         "--config", os.path.join(repo_root, TOY_CONFIG), "--input", str(tmp_path / "empty"),
-         "--output", str(tmp_path / "out"), *ATC_OPTS],
-        capture_output=True, text=True, cwd=repo_root, timeout=120,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
+    line = tool_error("visualize_merged_tokens.py", "--config", TOY_CONFIG, "--input",
+                      str(tmp_path / "empty"), "--output", str(tmp_path / "out"), *ATC_OPTS)
+    assert line == (
         f"error: folder {str(tmp_path / 'empty')!r} holds no image files "
         f"(extensions {', '.join(visualize.IMAGE_EXTENSIONS)})"
     )

@@ -1,42 +1,13 @@
 """Our yacs-built ViTDet Mask R-CNN equals Detectron2's own LazyConfig ViTDet model."""
 import copy
 import os
-import pickle
 
 import pytest
 import torch
-from detectron2 import model_zoo
-from detectron2.config import instantiate
 from detectron2.modeling import build_model
 
 from atc_det.engine import Checkpointer, load_config
-
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
-# A small ViTDet: 20x20 patches at 320 px, so 14x14 windows are padded.
-TINY_VIT = dict(img_size=320, embed_dim=64, depth=3, num_heads=4, window_block_indexes=[0, 2])
-
-
-def lazy_vitdet(**vit_overrides):
-    """Detectron2's own model from configs/common/models/mask_rcnn_vitdet.py."""
-    cfg = model_zoo.get_config("common/models/mask_rcnn_vitdet.py")
-    for k, v in vit_overrides.items():
-        setattr(cfg.model.backbone.net, k, v)
-    if "img_size" in vit_overrides:
-        cfg.model.backbone.square_pad = vit_overrides["img_size"]
-    cfg.model.roi_heads.box_predictor.test_score_thresh = 0.0
-    return instantiate(cfg.model).eval()
-
-
-def ours(config="vitdet_b.yaml", **vit_overrides):
-    keys = {"img_size": "IMG_SIZE", "embed_dim": "EMBED_DIM", "depth": "DEPTH",
-            "num_heads": "NUM_HEADS", "window_block_indexes": "WINDOW_BLOCK_INDEXES"}
-    opts = ["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
-    for k, v in vit_overrides.items():
-        opts += [f"MODEL.VIT.{keys[k]}", str(v)]
-    if "img_size" in vit_overrides:
-        opts += ["MODEL.SFP.SQUARE_PAD", str(vit_overrides["img_size"])]
-    cfg = load_config(os.path.join(CONFIGS, config), opts)
-    return build_model(cfg).eval(), cfg
+from conftest import CONFIGS, lazy_vitdet, ours, tiny_vitdet_pair, write_model_zoo_pkl
 
 
 def test_vitdet_b_same_parameters_as_detectron2():
@@ -51,15 +22,7 @@ def test_vitdet_b_same_parameters_as_detectron2():
 
 @pytest.fixture(scope="module")
 def tiny_pair():
-    torch.manual_seed(0)
-    theirs = lazy_vitdet(**TINY_VIT)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "rel_pos" in name:  # zero-initialised: make relative positions matter
-                p.normal_(0, 0.5)
-    mine, cfg = ours("vitdet_b.yaml", **TINY_VIT)
-    mine.load_state_dict(theirs.state_dict(), strict=True)
-    return theirs, mine, cfg
+    return tiny_vitdet_pair("vitdet_b.yaml")
 
 
 def test_same_outputs_as_detectron2(tiny_pair):
@@ -90,17 +53,10 @@ def test_image_smaller_than_one_window(tiny_pair):
         torch.testing.assert_close(fa[k], fb[k], rtol=0, atol=0)
 
 
-def _write_model_zoo_pkl(path, state_dict):
-    """A checkpoint in the format of the official ViTDet model zoo ``model_final_*.pkl``."""
-    data = {"model": {k: v.numpy() for k, v in state_dict.items()}, "__author__": "test"}
-    with open(path, "wb") as f:
-        pickle.dump(data, f)
-
-
 def test_official_format_pkl_loads_without_missing_or_unexpected_keys(tiny_pair, tmp_path):
     theirs, _, cfg = tiny_pair
     path = str(tmp_path / "model_final.pkl")
-    _write_model_zoo_pkl(path, theirs.state_dict())
+    write_model_zoo_pkl(path, theirs.state_dict())
     fresh = build_model(cfg)
     Checkpointer(fresh, strict=True).load(path)  # raises on any key mismatch
     for k, v in theirs.state_dict().items():
@@ -112,13 +68,13 @@ def test_mismatched_checkpoint_is_one_clear_error(tiny_pair, tmp_path):
     sd = copy.copy(theirs.state_dict())
     sd["backbone.net.blocks.0.attn.qkv.weightX"] = sd.pop("backbone.net.blocks.0.attn.qkv.weight")
     path = str(tmp_path / "bad.pkl")
-    _write_model_zoo_pkl(path, sd)
+    write_model_zoo_pkl(path, sd)
     with pytest.raises(ValueError, match="blocks.0.attn.qkv.weight"):
         Checkpointer(build_model(cfg), strict=True).load(path)
 
     sd = copy.copy(theirs.state_dict())
     sd["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(5, 1024)
-    _write_model_zoo_pkl(path, sd)
+    write_model_zoo_pkl(path, sd)
     with pytest.raises(ValueError, match="shape mismatch"):
         Checkpointer(build_model(cfg), strict=True).load(path)
 
