@@ -84,6 +84,7 @@ def check_reduction(
     method: str,
     metric: str,
     mode: str,
+    prop_attn: bool = True,
     threshold: float | None = None,
     scope: str = "window",
     rel_pos: str = "centroid",
@@ -96,6 +97,8 @@ def check_reduction(
     _choice("mode", mode, MODES, "MODEL.ATC.MODE")
     _choice("scope", scope, SCOPES, "MODEL.ATC.SCOPE")
     _choice("rel_pos", rel_pos, REL_POS, "MODEL.ATC.REL_POS")
+    if not isinstance(prop_attn, bool):
+        raise ValueError(f"prop_attn (MODEL.ATC.PROP_ATTN) must be True or False, got {prop_attn!r}")
     if threshold is not None:
         if not (_is_number(threshold) and threshold >= 0):  # also rejects NaN
             raise ValueError(f"threshold (MODEL.ATC.THRESHOLD) must be a number >= 0 or None, got "
@@ -109,7 +112,7 @@ def check_reduction(
     if bad or not given or len(set(given)) != len(given):
         raise ValueError(f"blocks (MODEL.ATC.BLOCKS) must be distinct int block indexes in "
                          f"[0, {num_blocks}), at least one, got {given!r}")
-    rates = [keep_rate] if _is_number(keep_rate) or isinstance(keep_rate, bool) else keep_rate
+    rates = [keep_rate] if isinstance(keep_rate, (int, float, str)) else keep_rate
     try:
         rates = list(rates)
     except TypeError:

@@ -58,18 +58,30 @@ def head_mean_keys(attn, normed: torch.Tensor) -> torch.Tensor:
     return keys.reshape(*keys.shape[:-1], attn.num_heads, -1).mean(-2)
 
 
+PATCHES = {  # name -> (apply with arguments, remove)
+    "atc": (lambda model: atc_det.apply_atc(model, keep_rate=0.5, blocks=[1, 2]), atc_det.remove_atc),
+    "sec": (lambda model: atc_det.apply_sec(model, global_groups=2), atc_det.remove_sec),
+}
+
+
+@pytest.mark.parametrize("patch", PATCHES)
 @pytest.mark.parametrize("framework", MODELS)
-def test_apply_and_remove_for_both_frameworks(framework):
+def test_apply_and_remove_restore_the_stock_model(framework, patch):
     build, shape = MODELS[framework]
+    apply, remove = PATCHES[patch]
     model = build()
     images = torch.randn(shape)
     expected, names = vit_features(model, images), list(model.state_dict())
-    classes = [type(b) for b in model.blocks]
-    assert atc_det.apply_atc(model, keep_rate=0.5, blocks=[1, 2]) is model
+    classes = [(type(b), type(b.attn)) for b in model.blocks]
+    windows = [getattr(b, "window_size", None) for b in model.blocks]
+    assert apply(model) is model
     assert list(model.state_dict()) == names
     assert not torch.allclose(vit_features(model, images), expected, atol=1e-4)
-    atc_det.remove_atc(model)
-    assert [type(b) for b in model.blocks] == classes
+    assert remove(model) is model
+    assert [(type(b), type(b.attn)) for b in model.blocks] == classes
+    assert [getattr(b, "window_size", None) for b in model.blocks] == windows
+    if framework == "detectron2":
+        assert all(type(b.attn) is D2Attention and type(b) is D2Block for b in model.blocks)
     torch.testing.assert_close(vit_features(model, images), expected, rtol=0, atol=0)
 
 
@@ -212,23 +224,6 @@ def test_atc_and_sec_do_not_combine_and_sec_applies_once(framework):
     atc_det.apply_atc(model, keep_rate=0.5)
     with pytest.raises(ValueError, match="remove_atc"):
         atc_det.apply_sec(model, global_groups=2)
-
-
-@pytest.mark.parametrize("framework", MODELS)
-def test_remove_sec_restores_the_stock_model(framework):
-    build, shape = MODELS[framework]
-    model = build()
-    images = torch.randn(shape)
-    expected, names = vit_features(model, images), list(model.state_dict())
-    windows = [getattr(b, "window_size", None) for b in model.blocks]
-    atc_det.apply_sec(model, global_groups=2)
-    assert list(model.state_dict()) == names
-    assert not torch.allclose(vit_features(model, images), expected, atol=1e-4)
-    atc_det.remove_sec(model)
-    assert [getattr(b, "window_size", None) for b in model.blocks] == windows
-    if framework == "detectron2":
-        assert all(type(b.attn) is D2Attention and type(b) is D2Block for b in model.blocks)
-    torch.testing.assert_close(vit_features(model, images), expected, rtol=0, atol=0)
 
 
 def test_timm_sec_attention_equals_masked_attention_over_numpy_groups():

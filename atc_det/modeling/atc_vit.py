@@ -232,9 +232,9 @@ class ATCBlock(Block):
         else:
             labels, K = self._atc_state["labels"], self._atc_state["num_clusters"]
             if s.clusters:
-                merged, size = merge_tokens(tokens, labels, K)
-                real = merge_tokens(valid[..., None].to(tokens.dtype), labels, K)[0][..., 0] > 0
-                real = real & (size > 0)
+                merged, _ = merge_tokens(tokens, labels, K)
+                # Real and padding tokens never share a cluster: a slot is real if a member is.
+                real = valid.new_zeros(valid.shape[0], K).scatter_(1, labels, valid)
                 normed = self.norm1(merged) * real[..., None]
                 coarse, K = cluster_tokens(self._cluster_metric(normed), real, s)
                 labels = coarse.gather(1, labels)
@@ -357,7 +357,7 @@ def apply_atc(
         raise TypeError(f"apply_atc needs a detectron2.modeling.ViT, got {type(vit).__name__}")
     block_ids, rates = check_atc_arguments(
         len(vit.blocks), keep_rate, linkage, blocks, method=method, metric=metric, mode=mode,
-        scope=scope, threshold=threshold, rel_pos=rel_pos)
+        prop_attn=prop_attn, scope=scope, threshold=threshold, rel_pos=rel_pos)
     for index, block in enumerate(vit.blocks):
         if not isinstance(block, Block):
             raise TypeError(
@@ -409,8 +409,6 @@ def atc_arguments_from_cfg(cfg) -> dict:
     """:func:`apply_atc` keyword arguments from the ``MODEL.ATC.*`` keys of a config."""
     atc = cfg.MODEL.ATC
     keep = atc.KEEP_RATE
-    if not isinstance(atc.PROP_ATTN, bool):
-        raise ValueError(f"MODEL.ATC.PROP_ATTN must be True or False, got {atc.PROP_ATTN!r}")
     return dict(
         keep_rate=list(keep) if isinstance(keep, (list, tuple)) else keep,
         linkage=atc.LINKAGE,

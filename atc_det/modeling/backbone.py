@@ -51,10 +51,7 @@ def check_config(cfg: CfgNode) -> None:
         raise ValueError("MODEL.ATC.ENABLED and MODEL.SEC.ENABLED are both True: enable one of them")
     depth = cfg.MODEL.VIT.DEPTH
     if cfg.MODEL.ATC.ENABLED:
-        arguments = atc_arguments_from_cfg(cfg)
-        del arguments["prop_attn"]  # checked by atc_arguments_from_cfg
-        check_atc_arguments(depth, arguments.pop("keep_rate"), arguments.pop("linkage"),
-                            arguments.pop("blocks"), **arguments)
+        check_atc_arguments(depth, **atc_arguments_from_cfg(cfg))
     if cfg.MODEL.SEC.ENABLED:
         sec_arguments_from_cfg(cfg, depth)
 

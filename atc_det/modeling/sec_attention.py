@@ -153,14 +153,13 @@ def apply_sec(
     for i in indexes:
         block = vit.blocks[i]
         if block.window_size > 0 and windowed:
-            block.attn = SecAttention(
-                block.attn, group_size=block.window_size**2, rel_pos_mode=windowed_rel_pos
-            )
-            block.attn._window_size = block.window_size
-            block.window_size = 0
+            sec = SecAttention(block.attn, group_size=block.window_size**2, rel_pos_mode=windowed_rel_pos)
         elif block.window_size == 0 and global_groups > 1:
-            block.attn = SecAttention(block.attn, num_groups=global_groups, rel_pos_mode="resize")
-            block.attn._window_size = 0
+            sec = SecAttention(block.attn, num_groups=global_groups, rel_pos_mode="resize")
+        else:
+            continue
+        sec._window_size = block.window_size  # what remove_sec restores
+        block.attn, block.window_size = sec, 0
     return vit
 
 

@@ -192,7 +192,7 @@ def apply_atc_timm(
                          "combined in one model; remove_sec(model) first")
     block_ids, rates = check_reduction(
         len(model.blocks), keep_rate, linkage, blocks, default_blocks(len(model.blocks)), method=method,
-        metric=metric, mode=mode, threshold=threshold, scope="image")
+        metric=metric, mode=mode, prop_attn=prop_attn, threshold=threshold, scope="image")
     remove_atc_timm(model)
     options = {"linkage": linkage, **method_options} if method == "atc" else method_options
     rate_of = dict(zip(block_ids, rates))
