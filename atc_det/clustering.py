@@ -34,32 +34,45 @@ from torch import Tensor
 from atc_det import native
 
 LINKAGES = ("single", "complete", "average")
-BACKENDS = ("auto", "torch", "native")
-_warned_native = False
+BACKENDS = ("auto", "torch", "native", "triton")
+_warned: set[str] = set()
+TRITON_MAX_TOKENS = 1024  # atc_det.triton_clustering.MAX_TOKENS (that module imports triton)
 _HALF = (torch.float16, torch.bfloat16)
 _NO_TIE = torch.iinfo(torch.int32).max
 
 
-def _use_native(backend: str, features: Tensor) -> bool:
-    """Whether this call runs the native CPU kernel (see ``agglomerative_clustering``)."""
-    if backend == "torch":
-        return False
+def _backend(backend: str, features: Tensor) -> str:
+    """The backend this call runs: "torch", "native" or "triton" (see ``agglomerative_clustering``)."""
+    device, num_tokens = features.device.type, features.shape[1]
     if backend == "native":
-        if features.device.type != "cpu":
+        if device != "cpu":
             raise ValueError(f"backend='native' runs on CPU tensors only, got {features.device}; "
-                             f"use backend='torch' or 'auto'")
+                             f"use backend='triton', 'torch' or 'auto'")
         native.cluster_library()
-        return True
-    if features.device.type != "cpu" or features.shape[1] > native.MAX_TOKENS:
-        return False
-    if native.available():
-        return True
-    global _warned_native
-    if not _warned_native:
-        _warned_native = True
-        warnings.warn(f"atc_det: native clustering kernel unavailable, using the slower torch "
-                      f"path on CPU ({native.unavailable_reason()})", RuntimeWarning, stacklevel=3)
-    return False
+    if backend != "auto":
+        return backend
+    if device == "cpu":
+        if num_tokens > native.MAX_TOKENS:
+            return "torch"
+        if native.available():
+            return "native"
+        _warn_once("native", f"native clustering kernel unavailable, using the slower torch path on "
+                             f"CPU ({native.unavailable_reason()})")
+        return "torch"
+    if device == "cuda" and num_tokens <= TRITON_MAX_TOKENS:
+        from atc_det import triton_clustering  # imports triton: only for GPU tensors
+
+        if triton_clustering.available():
+            return "triton"
+        _warn_once("triton", f"triton unavailable, using the slower torch path on the GPU "
+                             f"({triton_clustering.unavailable_reason()})")
+    return "torch"
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"atc_det: {message}", RuntimeWarning, stacklevel=4)
 
 
 def cosine_distances(metric: Tensor) -> Tensor:
@@ -74,15 +87,28 @@ def cosine_distances(metric: Tensor) -> Tensor:
     return dist
 
 
+def _check(condition: Tensor, error: Exception) -> None:
+    """Raise ``error`` unless the bool tensor ``condition`` holds; on a GPU the check runs on the
+    device (an asynchronous assert with the same message), so it never synchronises."""
+    if condition.device.type == "cpu":
+        if not bool(condition):
+            raise error
+    else:
+        torch._assert_async(condition, str(error))
+
+
 def _check_finite(values: Tensor, name: str) -> None:
-    if values.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(values))).all()):
-        raise native.non_finite_error(name)
+    if values.numel():
+        _check(torch.isfinite(torch.stack(torch.aminmax(values))).all(), native.non_finite_error(name))
 
 
-def check_tokens(metric: Tensor, num_clusters: int | None, valid: Tensor | None, protected: int,
-                 name: str = "metric", check_finite: bool = True) -> None:
+def check_tokens(metric: Tensor, num_clusters: int | Tensor | None, valid: Tensor | None,
+                 protected: int, name: str = "metric", check_finite: bool = True) -> None:
     """Raise one clear error for a bad [B, N, C] ``metric``, ``valid`` mask, ``protected`` or K
-    (``check_finite=False``: the caller checks for NaN / Inf itself)."""
+    (an int or a [B] integer tensor; ``check_finite=False``: the caller checks for NaN / Inf).
+
+    Checks that depend on the values of GPU tensors run on the device (no synchronisation); pass
+    ``valid`` and a K tensor on the CPU to have them checked on the host."""
     if not isinstance(metric, Tensor) or metric.dim() != 3 or not metric.is_floating_point():
         raise TypeError(f"{name} must be a floating-point [B, N, C] tensor, got "
                         f"{type(metric).__name__} {getattr(metric, 'shape', '')}")
@@ -100,14 +126,39 @@ def check_tokens(metric: Tensor, num_clusters: int | None, valid: Tensor | None,
                             f"{tuple(getattr(valid, 'shape', ()))}")
     if num_clusters is None:
         return
-    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int):
-        raise TypeError(f"num_clusters must be an int, got {type(num_clusters).__name__}")
-    fewest = int(min_clusters(num_tokens, valid, protected).max()) if batch else 1
-    if not fewest <= num_clusters <= num_tokens:
-        raise ValueError(
-            f"num_clusters must lie in {fewest}..{num_tokens} (the number of tokens N; at least 1, "
-            f"plus one per protected token and one for the invalid tokens of a sample), "
-            f"got {num_clusters}")
+    if isinstance(num_clusters, Tensor):
+        if num_clusters.dtype.is_floating_point or num_clusters.dtype in (torch.bool, torch.complex64) \
+                or num_clusters.shape != (batch,):
+            raise TypeError(f"num_clusters must be an int or an integer tensor of shape [B] = "
+                            f"[{batch}], got {num_clusters.dtype} {tuple(num_clusters.shape)}")
+    elif isinstance(num_clusters, bool) or not isinstance(num_clusters, int):
+        raise TypeError(f"num_clusters must be an int or a [B] integer tensor, got "
+                        f"{type(num_clusters).__name__}")
+    if not batch:
+        return
+    fewest = min_clusters(num_tokens, valid, protected)  # [B] (or [1]), on valid's device
+    rule = ("(the number of tokens N; at least 1, plus one per protected token and one for the "
+            "invalid tokens of a sample)")
+    if not isinstance(num_clusters, Tensor):
+        if fewest.device.type == "cpu" or not num_clusters <= num_tokens:
+            lowest = int(fewest.max()) if fewest.device.type == "cpu" else 1
+            if not lowest <= num_clusters <= num_tokens:
+                raise ValueError(f"num_clusters must lie in {lowest}..{num_tokens} {rule}, got "
+                                 f"{num_clusters}")
+            return
+        num_clusters = torch.tensor(num_clusters)
+    if fewest.device.type == "cpu" and num_clusters.device.type == "cpu":
+        bad = ((num_clusters < fewest) | (num_clusters > num_tokens)).nonzero()
+        if len(bad):
+            sample = int(bad[0, 0])
+            raise ValueError(f"num_clusters[{sample}] must lie in "
+                             f"{int(fewest[sample if len(fewest) > 1 else 0])}..{num_tokens} {rule}, "
+                             f"got {int(num_clusters[sample])}")
+        return
+    device = fewest.device if fewest.device.type != "cpu" else num_clusters.device
+    fewest, num_clusters = fewest.to(device, non_blocking=True), num_clusters.to(device, non_blocking=True)
+    _check(((fewest <= num_clusters) & (num_clusters <= num_tokens)).all(),
+           ValueError(f"num_clusters must lie in K_min..{num_tokens} in every sample {rule}"))
 
 
 def token_groups(batch: int, num_tokens: int, valid: Tensor | None, protected: int,
@@ -169,7 +220,7 @@ def _xor_ranks(size: int, device: torch.device) -> Tensor:
     return rank[:, None] ^ rank[None, :]
 
 
-def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: float | None
+def _dendrogram(dist: Tensor, linkage: str, num_merges: Tensor | None, threshold: float | None
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Batched nearest-neighbour rounds on ``dist`` [B, N + 1, N + 1] (+inf: never merge, diagonal
     too; the last row and column are an all-+inf sentinel). ``dist`` is overwritten.
@@ -179,7 +230,7 @@ def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: f
     there are at most ``log2 N`` rounds. Returns the merge edges [B, E] in (round, rank) order:
     first member of the absorbed cluster (N: no edge), first member of the cluster it joined,
     and the height (complete/average: made monotone over the dendrogram). Stops as soon as every
-    later merge would sort after the ``num_merges`` lowest ones, or lie above ``threshold``.
+    later merge would sort after the ``num_merges`` [B] lowest ones, or lie above ``threshold``.
     """
     batch, num_tokens = dist.shape[0], dist.shape[1] - 1
     device, dtype = dist.device, dist.dtype
@@ -214,7 +265,7 @@ def _dendrogram(dist: Tensor, linkage: str, num_merges: int | None, threshold: f
             done = lowest_open > threshold
         else:
             recorded = torch.cat(heights, 1) if heights else lowest_open.new_empty(batch, 0)
-            done = (recorded <= lowest_open).sum(-1, keepdim=True) >= num_merges
+            done = (recorded <= lowest_open).sum(-1, keepdim=True) >= num_merges[:, None]
         if bool((done | torch.isinf(lowest_open)).all()):
             break
         # dist - row minimum is +0 exactly at the row's minima (NaN in all-+inf rows: all tie).
@@ -303,7 +354,7 @@ def _components(num_tokens: int, child: Tensor, parent: Tensor, kept: Tensor) ->
     return first_member_labels(root)
 
 
-def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | None = None,
+def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | Tensor | None = None,
                              linkage: str = "average", *, distances: Tensor | None = None,
                              threshold: float | None = None, valid: Tensor | None = None,
                              protected: int = 0, backend: str = "auto") -> Tensor:
@@ -311,7 +362,9 @@ def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | N
 
     Args:
         metric: [B, N, C] token features, compared by cosine distance. Give this or ``distances``.
-        num_clusters: K, static stopping: exactly K clusters per sample (labels 0..K-1).
+        num_clusters: K, static stopping: exactly K clusters per sample (labels 0..K-1); an int,
+            or a [B] integer tensor (one K per sample, e.g. full and edge windows in one call;
+            a CPU tensor is checked on the host, a GPU one on the device).
         linkage: "single", "complete" or "average" (unweighted, by token count).
         distances: [B, N, N] precomputed symmetric finite distances (upper triangle is used).
         threshold: dynamic stopping instead of K: keep every merge whose linkage distance is at
@@ -319,11 +372,14 @@ def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | N
         valid: [B, N] bool. Invalid tokens (e.g. window padding) cluster only among themselves,
             with the same linkage; a valid and an invalid token never share a cluster.
         protected: the first ``protected`` tokens (e.g. a class token) stay singleton clusters.
-        backend: "torch" (batched tensor ops, any device), "native" (the C++ kernel of
-            :mod:`atc_det.native`, CPU only: the same rounds, tie rules and cut, so the same labels
-            for the same distances; from ``metric`` it computes the cosine distances itself, which
-            may differ from the torch path's in the last bit) or "auto" (native for CPU tensors
-            when it builds, else torch with a warning).
+        backend: "torch" (batched tensor ops, any device, :func:`_dendrogram`), "native" (the
+            C++ kernel of :mod:`atc_det.native`, CPU only), "triton" (the GPU kernel of
+            :mod:`atc_det.triton_clustering`, CUDA tensors, N <= 1024; one launch, no host
+            synchronisation) or "auto" (native for CPU tensors, triton for CUDA tensors, torch
+            where those are unavailable, with one warning, or for larger N). Native and triton
+            run the same rounds, tie rules, arithmetic and cut, so they give the same labels for
+            the same distances; from ``metric`` each computes the cosine distances itself, which
+            may differ between backends in the last bit.
 
     K counts ALL clusters of a sample: protected singletons, clusters of valid tokens and clusters
     of invalid tokens, so every sample has exactly K labels and windows batch. The merges taken
@@ -348,39 +404,54 @@ def agglomerative_clustering(metric: Tensor | None = None, num_clusters: int | N
             raise TypeError(f"distances must be a [B, N, N] tensor, got "
                             f"{tuple(getattr(distances, 'shape', ()))}")
         check_tokens(distances, num_clusters, valid, protected, name="distances")
-        if not torch.allclose(distances, distances.mT, rtol=1e-5, atol=1e-6):
-            raise ValueError("distances must be symmetric ([B, N, N] with D[b, i, j] == D[b, j, i])")
+        _check(torch.isclose(distances, distances.mT, rtol=1e-5, atol=1e-6).all(),
+               ValueError("distances must be symmetric ([B, N, N] with D[b, i, j] == D[b, j, i])"))
+        chosen = _backend(backend, distances)
         upper = torch.triu(distances, diagonal=1)
         dist = upper + upper.mT
         dist = dist.float() if dist.dtype in _HALF else dist
-        use_native = _use_native(backend, distances)
     else:
         check_tokens(metric, num_clusters, valid, protected, check_finite=False)
-        use_native = _use_native(backend, metric)
-        if not use_native:  # the kernel normalises the features and checks them itself
+        chosen = _backend(backend, metric)
+        if chosen != "native":  # the C++ kernel normalises the features and checks them itself
             _check_finite(metric, "metric")
         metric = metric.float() if metric.dtype in _HALF else metric
+        dist = None
     features = distances if metric is None else metric
     batch, num_tokens = features.shape[:2]
-    num_merges = None if num_clusters is None else num_tokens - num_clusters
+    num_merges = None
+    if num_clusters is not None:
+        num_merges = num_tokens - torch.as_tensor(num_clusters).expand(batch)
+    if valid is not None:
+        valid = valid.to(features.device, non_blocking=True)
     groups = token_groups(batch, num_tokens, valid, protected, features.device) \
         if valid is not None or protected else None
-    if use_native:
+    if chosen == "native":
         if metric is not None:  # the kernel computes the cosine distances
             return native.cluster(linkage, num_merges, threshold, groups, features=metric)
         return native.cluster(linkage, num_merges, threshold, groups, distances=dist)
-    if metric is not None:
+    if chosen == "triton":
+        from atc_det import triton_clustering
+
+        if metric is not None and metric.dtype == torch.float32:
+            return triton_clustering.cluster(linkage, num_merges, threshold, groups, features=metric)
+        dist = cosine_distances(metric) if dist is None else dist
+        return triton_clustering.cluster(linkage, num_merges, threshold, groups, distances=dist)
+    if dist is None:
         dist = cosine_distances(metric)
     # One extra all-+inf "sentinel" row and column: compaction pads every sample with it.
     dist = torch.nn.functional.pad(dist, (0, 1, 0, 1), value=float("inf"))
     if groups is not None:
         dist[:, :num_tokens, :num_tokens].masked_fill_(groups[:, :, None] != groups[:, None, :], float("inf"))
     dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    if num_merges is not None:
+        num_merges = num_merges.to(dist.device, non_blocking=True)
 
     child, parent, height = _dendrogram(dist, linkage, num_merges, threshold)
     if threshold is not None:
         kept = height <= threshold
     else:  # the N - K lowest merges; the stable sort keeps (round, rank) order among equal heights
-        order = torch.sort(height, dim=-1, stable=True).indices[:, :num_merges]
-        kept = torch.zeros_like(height, dtype=torch.bool).scatter_(1, order, True)
+        order = torch.sort(height, dim=-1, stable=True).indices
+        first = torch.arange(height.shape[1], device=height.device) < num_merges[:, None]
+        kept = torch.zeros_like(height, dtype=torch.bool).scatter_(1, order, first)
     return _components(num_tokens, child, parent, kept & (child < num_tokens))

@@ -28,7 +28,8 @@ SOURCE = Path(__file__).with_name("csrc") / "rnn_rounds.cpp"
 LINKAGE_CODES = {"single": 0, "complete": 1, "average": 2}
 MAX_TOKENS = 65535  # largest N the kernel accepts (it holds a dense [N, N] matrix per sample)
 NON_FINITE = 2  # kernel status: a feature is NaN or Inf
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"] + (
+# No floating-point contraction: average linkage rounds as the Triton kernel does (no FMA).
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"] + (
     ["-mprefer-vector-width=512"] if platform.machine() == "x86_64" else [])
 _library: ctypes.CDLL | None = None
 _build_error: str | None = None
@@ -83,7 +84,7 @@ def load_library(path: Path) -> ctypes.CDLL:
         function = getattr(library, name)
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                              ctypes.c_double, ctypes.c_void_p, ctypes.c_int]
     return library
 
@@ -159,7 +160,7 @@ def unavailable_reason() -> str | None:
     return _build_error
 
 
-def cluster(linkage: str, num_merges: int | None, threshold: float | None, groups: Tensor | None, *,
+def cluster(linkage: str, num_merges: Tensor | None, threshold: float | None, groups: Tensor | None, *,
             distances: Tensor | None = None, features: Tensor | None = None,
             library: ctypes.CDLL | None = None) -> Tensor:
     """Labels [B, N] int64 (first-member order), from exactly one of:
@@ -168,7 +169,8 @@ def cluster(linkage: str, num_merges: int | None, threshold: float | None, group
     features, normalised (as ``torch.nn.functional.normalize``) and compared by cosine distance
     ``max(1 - <u_i, u_j>, 0)`` inside the kernel, which also checks that they are finite. Both
     CPU float32/float64. ``groups`` [B, N] int64: tokens of different groups never merge. Exactly
-    one of ``num_merges`` (static: the N - K lowest merges) and ``threshold``. ``library``: a
+    one of ``num_merges`` [B] int (static: the N - K lowest merges of each sample) and
+    ``threshold``. ``library``: a
     kernel from :func:`load_library` instead of the built one (for A/B timing).
     """
     library = library or cluster_library()
@@ -186,12 +188,14 @@ def cluster(linkage: str, num_merges: int | None, threshold: float | None, group
         return labels
     if groups is not None:
         groups = groups.to(torch.long).contiguous()
+    if num_merges is not None:
+        num_merges = num_merges.to(device="cpu", dtype=torch.long).contiguous()
     function = library.atc_cluster_f32 if data.dtype == torch.float32 else library.atc_cluster_f64
     status = function(data.data_ptr() if distances is not None else None,
                       data.data_ptr() if features is not None else None, batch, num_tokens,
                       data.shape[2] if features is not None else 0,
                       None if groups is None else groups.data_ptr(), LINKAGE_CODES[linkage],
-                      -1 if num_merges is None else num_merges, int(threshold is not None),
+                      None if num_merges is None else num_merges.data_ptr(), int(threshold is not None),
                       0.0 if threshold is None else float(threshold), labels.data_ptr(),
                       torch.get_num_threads())
     if status == NON_FINITE:

@@ -22,7 +22,8 @@ from conftest import ROOT, same_partition
 LINKAGES = ("single", "complete", "average")
 # "portable": the native kernel built without AVX-512 (the code path of CPUs without it).
 KERNELS = ("native", "portable")
-BACKENDS = ("torch", *KERNELS)
+# "triton": the GPU kernel, run on CPU tensors by Triton's interpreter (TRITON_INTERPRET=1).
+BACKENDS = ("torch", *KERNELS, "triton")
 PORTABLE_FLAGS = ["-mno-avx512f"]
 # Each test over BACKENDS gets backend="native" for "portable", with that build loaded.
 over_backends = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -265,6 +266,95 @@ def test_native_kernel_exact_features_equal_their_distances(method, dtype, backe
                                                 backend=backend, **kwargs)
             got = agglomerative_clustering(x, linkage=method, backend=backend, **kwargs)
             assert torch.equal(got, expected), (trial, kwargs)
+
+
+@over_backends
+def test_per_sample_num_clusters_equal_one_call_per_sample(backend):
+    """K as a [B] tensor: each sample gets its own K in one call (N = 1, K = N and K = 1 included),
+    with padding and a protected token: the labels of one call per sample, and SciPy's partition."""
+    generator = torch.Generator().manual_seed(3)
+    for num_tokens in (1, 2, 9, 33):
+        x = torch.randn(5, num_tokens, 6, generator=generator, dtype=torch.float64)
+        k = torch.randint(1, num_tokens + 1, (5,), generator=generator)
+        k[0], k[-1] = num_tokens, 1
+        for method in LINKAGES:
+            labels = agglomerative_clustering(x, k, method, backend=backend)
+            for b in range(5):
+                one = agglomerative_clustering(x[b:b + 1], int(k[b]), method, backend=backend)
+                assert torch.equal(labels[b], one[0]), (num_tokens, method, b)
+                ref = fcluster(linkage(pdist(x[b].numpy(), "cosine"), method=method), int(k[b]),
+                               "maxclust") if num_tokens > 1 else np.ones(1)
+                assert same_partition(labels[b], ref) and labels[b].max() == k[b] - 1
+        if num_tokens < 9:
+            continue
+        valid = torch.arange(num_tokens) < torch.tensor([num_tokens, 7, 8, 5, 9])[:, None]
+        k = torch.tensor([6, 4, 5, 3, 9])  # protected + real clusters + one padding cluster
+        for method in LINKAGES:
+            labels = agglomerative_clustering(x, k, method, valid=valid, protected=1, backend=backend)
+            for b in range(5):
+                one = agglomerative_clustering(x[b:b + 1], int(k[b]), method, valid=valid[b:b + 1],
+                                               protected=1, backend=backend)
+                assert torch.equal(labels[b], one[0]), (method, b)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_clusters=torch.tensor([2, 5])), r"num_clusters\[1\] must lie in 1..4"),
+    (dict(num_clusters=torch.tensor([2.0, 3.0])), "integer tensor of shape"),
+    (dict(num_clusters=torch.tensor([2, 3, 2])), r"shape \[B\] = \[2\]"),
+    (dict(num_clusters=torch.tensor([1, 2]), valid=torch.tensor([[True, True, False, True]] * 2)),
+     r"num_clusters\[0\] must lie in 2..4"),
+])
+def test_bad_per_sample_num_clusters_is_one_clear_error(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        agglomerative_clustering(torch.randn(2, 4, 3), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", LINKAGES)
+def test_triton_kernel_equals_native_kernel_with_ties(method, dtype):
+    """The Triton kernel (interpreted) against the C++ kernel on the same distances: identical
+    labels, also on tie-heavy ones (rounded and +-1 features), with padding, a protected token,
+    per-sample K and thresholds; and from +-1 features (exact cosine distances) on both sides."""
+    generator = torch.Generator().manual_seed(11)
+    for trial in range(8):
+        num_tokens = int(torch.randint(2, 60, (1,), generator=generator))
+        if trial % 2:
+            x = (torch.randint(0, 2, (3, num_tokens, 4 ** (1 + trial % 3)), generator=generator) * 2 - 1)
+        else:
+            x = torch.randn(3, num_tokens, 6, generator=generator).round()
+        x = x.to(dtype)
+        valid = torch.rand(3, num_tokens, generator=generator) < 0.7
+        valid[:, :2] = True
+        k = torch.randint(1, num_tokens + 1, (3,), generator=generator)
+        calls = [dict(num_clusters=k), dict(threshold=float(torch.rand(1, generator=generator)) * 0.6)]
+        if num_tokens >= 4:
+            calls += [dict(num_clusters=k.clamp_min(3), valid=valid, protected=1),
+                      dict(threshold=0.3, valid=valid)]
+        dist = cosine_distances(x)
+        for kwargs in calls:
+            expected = agglomerative_clustering(linkage=method, distances=dist, backend="native", **kwargs)
+            got = agglomerative_clustering(linkage=method, distances=dist, backend="triton", **kwargs)
+            assert torch.equal(got, expected), (trial, kwargs)
+        if trial % 2:
+            expected = agglomerative_clustering(x, k, method, backend="native")
+            assert torch.equal(agglomerative_clustering(x, k, method, backend="triton"), expected), trial
+
+
+def test_triton_kernel_window_size_equals_native_kernel():
+    """ViTDet windows: N = 196 (P = 256) with edge-window padding and a K per window."""
+    generator = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 196, 16, generator=generator)
+    valid = torch.arange(196) < torch.tensor([196, 140, 100])[:, None]
+    k = torch.tensor([98, 71, 51])
+    for method in LINKAGES:
+        expected = agglomerative_clustering(x, k, method, valid=valid, backend="native")
+        dist = cosine_distances(x)
+        got = agglomerative_clustering(linkage=method, num_clusters=k, distances=dist, valid=valid,
+                                       backend="triton")
+        assert torch.equal(got, agglomerative_clustering(linkage=method, num_clusters=k, distances=dist,
+                                                         valid=valid, backend="native")), method
+        assert same_partition(agglomerative_clustering(x, k, method, valid=valid, backend="triton")[0],
+                              expected[0].numpy())
 
 
 def test_native_kernel_large_sample_splits_rows():

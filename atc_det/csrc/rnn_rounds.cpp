@@ -716,14 +716,15 @@ void cluster_sample(T* d, int64_t N, int64_t ld, const int64_t* groups, int link
 }
 
 // Either `distances` [B, N, N] (symmetric; overwritten) or `features` [B, N, C] (cosine distances
-// are computed per sample into the workspace) is given, the other is null. Returns 0, 1 for bad
+// are computed per sample into the workspace) is given, the other is null. `num_merges` [B]: the
+// N - K merges of each sample (static stopping; null with use_threshold). Returns 0, 1 for bad
 // arguments, or 2 if a feature is NaN or Inf.
 template <typename T>
 int cluster_batch(T* distances, const T* features, int64_t B, int64_t N, int64_t C, const int64_t* groups,
-                  int linkage, int64_t num_merges, int use_threshold, double threshold,
+                  int linkage, const int64_t* num_merges, int use_threshold, double threshold,
                   int64_t* labels, int num_threads) {
   if (N < 1 || N > kMaxTokens || linkage < 0 || linkage > 2 ||
-      (distances == nullptr) == (features == nullptr)) {
+      (distances == nullptr) == (features == nullptr) || (use_threshold == 0 && num_merges == nullptr)) {
     return 1;
   }
   int status = 0;
@@ -755,7 +756,8 @@ int cluster_batch(T* distances, const T* features, int64_t B, int64_t N, int64_t
           continue;
         }
       }
-      cluster_sample<T>(d, N, ld, groups == nullptr ? nullptr : groups + b * N, linkage, num_merges,
+      cluster_sample<T>(d, N, ld, groups == nullptr ? nullptr : groups + b * N, linkage,
+                        use_threshold != 0 ? -1 : num_merges[b],
                         use_threshold != 0, static_cast<T>(threshold), labels + b * N, w);
     }
   }
@@ -767,14 +769,14 @@ int cluster_batch(T* distances, const T* features, int64_t B, int64_t N, int64_t
 extern "C" {
 
 int atc_cluster_f32(float* distances, const float* features, int64_t B, int64_t N, int64_t C,
-                    const int64_t* groups, int linkage, int64_t num_merges, int use_threshold,
+                    const int64_t* groups, int linkage, const int64_t* num_merges, int use_threshold,
                     double threshold, int64_t* labels, int num_threads) {
   return cluster_batch<float>(distances, features, B, N, C, groups, linkage, num_merges, use_threshold,
                               threshold, labels, num_threads);
 }
 
 int atc_cluster_f64(double* distances, const double* features, int64_t B, int64_t N, int64_t C,
-                    const int64_t* groups, int linkage, int64_t num_merges, int use_threshold,
+                    const int64_t* groups, int linkage, const int64_t* num_merges, int use_threshold,
                     double threshold, int64_t* labels, int num_threads) {
   return cluster_batch<double>(distances, features, B, N, C, groups, linkage, num_merges, use_threshold,
                                threshold, labels, num_threads);
