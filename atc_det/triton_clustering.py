@@ -35,6 +35,7 @@ MAX_TOKENS = 1024  # largest N of the kernel (larger samples, e.g. image scope, 
 # (atc_det.clustering.TRITON_MAX_TOKENS repeats it, to dispatch without importing triton)
 LINKAGE_CODES = {"single": 0, "complete": 1, "average": 2}
 NUM_WARPS = 4
+MAX_REGISTERS = 255  # per thread; without the cap ptxas spills a few bytes at N = 196
 _INT_SCRATCH = 16  # int32 vectors of length P per sample
 _FLOAT_SCRATCH = 8  # float vectors of length P per sample
 _import_error: str | None = None
@@ -59,6 +60,12 @@ def unavailable_reason() -> str | None:
 def interpreted() -> bool:
     """True if Triton runs kernels on CPU tensors through its interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launch_options() -> dict:
+    """Compiler options of every launch: no FP contraction (rounding as the C++ kernel), and the
+    register cap (see ``benchmarks/triton_compile_report.py``)."""
+    return {"enable_fp_fusion": False, "maxnreg": MAX_REGISTERS}
 
 
 def padded_size(num_tokens: int) -> int:
@@ -102,8 +109,8 @@ if triton is not None:
                         dot += tl.dot(xr, tl.trans(xc), input_precision="ieee")
                         sq_r += tl.sum(xr * xr, 1)
                         sq_c += tl.sum(xc * xc, 1)
-                    inv_r = 1.0 / tl.maximum(tl.sqrt_rn(sq_r), 1e-12)
-                    inv_c = 1.0 / tl.maximum(tl.sqrt_rn(sq_c), 1e-12)
+                    inv_r = tl.math.div_rn(1.0, tl.maximum(tl.sqrt_rn(sq_r), 1e-12))
+                    inv_c = tl.math.div_rn(1.0, tl.maximum(tl.sqrt_rn(sq_c), 1e-12))
                     tile = tl.maximum(1.0 - dot * inv_r[:, None] * inv_c[None, :], 0.0)
                 else:
                     tile = tl.load(DIST + b * stride_db + rows[:, None] * stride_dn + cols[None, :],
@@ -429,7 +436,7 @@ def cluster(linkage: str, num_merges: Tensor | None, threshold: float | None, gr
     merges = dummy if num_merges is None else num_merges.to(device=device, dtype=torch.int32,
                                                             non_blocking=True)
     group_ids = dummy if groups is None else groups.to(torch.int32).contiguous()
-    options = {} if interpreted() else {"enable_fp_fusion": False}
+    options = {} if interpreted() else launch_options()
     _cluster_kernel[(batch,)](
         data if features is not None else dummy, data if distances is not None else dummy,
         group_ids, merges, labels, scratch, int_scratch, float_scratch, num_tokens,
