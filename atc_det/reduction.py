@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -147,39 +147,69 @@ def head_mean_keys(normed: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None,
     return F.linear(normed, weight, bias)
 
 
-def cluster_tokens(metric: Tensor, valid: Tensor, settings: ReductionSettings, protected: int = 0
-                   ) -> tuple[Tensor, int]:
-    """Labels [G, T] of each group's tokens and the number of cluster slots K per group.
+CLUSTERING_CALL = "atc_det.clustering_call"  # profiler range of each call of a clustering method
+# Methods whose num_clusters may be a [B] tensor (one K per group: one call for all groups).
+PER_SAMPLE_K = ("atc",)
+
+
+class Partition(NamedTuple):
+    """The clusters of a batch of groups: ``labels`` [G, T] in 0..num_slots-1, and per group (host
+    ints) its number of clusters (non-empty slots, labels 0..clusters-1) and of real clusters
+    (clusters of real tokens; the others hold its invalid tokens)."""
+
+    labels: Tensor
+    num_slots: int
+    clusters: list[int]
+    real_clusters: list[int]
+
+
+def cluster_tokens(metric: Tensor, valid: Tensor, settings: ReductionSettings, protected: int = 0,
+                   real_counts: Sequence[int] | None = None) -> Partition:
+    """Cluster each group's tokens.
 
     metric [G, T, D] clustering features, valid [G, T] (False: padding or empty slots, which
     only cluster among themselves). A group with R real tokens keeps ``kept_tokens(keep_rate, R)``
     clusters of them (plus the ``protected`` singletons and one cluster of its invalid tokens, if
-    any), so every group keeps the same fraction of its real tokens; groups with the same R (all
-    full windows) are clustered in one batched call. With ``threshold``, K is the largest label
-    count in the batch (other groups have empty slots).
+    any), so every group keeps the same fraction of its real tokens. ``real_counts``: R of each
+    group (after the protected tokens), known on the host from the shapes; then nothing here waits
+    for the device (None: counted from ``valid``, one synchronisation). ATC clusters all groups in
+    one call with one K per group; other methods take one call per distinct K. With
+    ``threshold``, K varies with the data: the counts cost one synchronisation.
     """
     s = settings
     groups, num_tokens = int(metric.shape[0]), int(metric.shape[1])
+    if real_counts is None:
+        real_counts = valid[:, protected:].sum(-1).tolist()
+    real_counts = list(real_counts)
     if s.threshold is None and s.keep_rate >= 1:
-        return torch.arange(num_tokens, device=metric.device).expand(groups, num_tokens), num_tokens
+        labels = torch.arange(num_tokens, device=metric.device).expand(groups, num_tokens)
+        return Partition(labels, num_tokens, [num_tokens] * groups,
+                         [protected + count for count in real_counts])
     cluster = get_method(s.method)
     options = dict(s.method_options, protected=protected)
     with torch.no_grad():
         # Identical invalid features: the padding of a window merges into one cluster first.
         metric = metric.float().masked_fill(~valid[..., None], 1.0)
         if s.threshold is not None:
-            labels = cluster(metric, None, valid=valid, threshold=s.threshold, **options)
-            return labels, int(labels.max()) + 1
-        labels = torch.empty(groups, num_tokens, dtype=torch.long, device=metric.device)
-        real_count = valid[:, protected:].sum(-1)
-        num_slots = 0
-        for count in real_count.unique().tolist():
-            kept = kept_tokens(s.keep_rate, count) if count else 0
-            num_clusters = protected + kept + int(count < num_tokens - protected)
-            select = (real_count == count).nonzero()[:, 0]
-            labels[select] = cluster(metric[select], num_clusters, valid=valid[select], **options)
-            num_slots = max(num_slots, num_clusters)
-    return labels, num_slots
+            with torch.profiler.record_function(CLUSTERING_CALL):
+                labels = cluster(metric, None, valid=valid, threshold=s.threshold, **options)
+            clusters = labels.amax(1) + 1
+            real = valid.new_zeros(labels.shape).scatter_(1, labels, valid).sum(1)
+            clusters, real = clusters.tolist(), real.tolist()
+            return Partition(labels, max(clusters), clusters, real)
+        kept = [protected + (kept_tokens(s.keep_rate, count) if count else 0) for count in real_counts]
+        clusters = [k + int(count < num_tokens - protected) for k, count in zip(kept, real_counts)]
+        if s.method in PER_SAMPLE_K:
+            with torch.profiler.record_function(CLUSTERING_CALL):
+                labels = cluster(metric, torch.tensor(clusters), valid=valid, **options)
+        else:
+            labels = torch.empty(groups, num_tokens, dtype=torch.long, device=metric.device)
+            for k in sorted(set(clusters)):
+                select = torch.tensor([g for g in range(groups) if clusters[g] == k])
+                select = select.to(metric.device, non_blocking=True)
+                with torch.profiler.record_function(CLUSTERING_CALL):
+                    labels[select] = cluster(metric[select], k, valid=valid[select], **options)
+    return Partition(labels, max(clusters), clusters, kept)
 
 
 def cluster_attention_bias(size: Tensor, prop_attn: bool) -> Tensor:

@@ -10,7 +10,7 @@ rounds) are not counted, as usual in fvcore.
 Wall time: median of ``--runs`` forward passes after one warm-up, batch 1, inference mode.
 fvcore cannot trace the clustering itself (data-dependent rounds): the FLOP count replays the
 labels of the timed runs and counts the clustering metric and its cosine-distance matmul.
-Clustering time: wall time inside ``ATCBlock._cluster`` (metric + clustering call).
+Clustering time: wall time inside ``cluster_tokens`` (the clustering calls).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from fvcore.nn import FlopCountAnalysis
 
 from atc_det.clustering import cosine_distances
 from atc_det.modeling import apply_atc, apply_sec
-from atc_det.modeling.atc_vit import ATCBlock
+from atc_det.modeling import atc_vit
 
 
 # SEC (atc_det.modeling.sec_attention.apply_sec): groups of the window's size in windowed blocks, and/or
@@ -70,52 +70,53 @@ def smooth_image(size: int) -> torch.Tensor:
 
 
 class ClusterTimer:
-    """Times every ``ATCBlock._cluster`` call while active and records its result per block."""
+    """Times every ``cluster_tokens`` call of the reduced blocks while active and records their
+    results in call order."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self.results: dict[ATCBlock, tuple[torch.Tensor, int]] = {}
-        self._original = ATCBlock._cluster
+        self.results: list = []
+        self._original = atc_vit.cluster_tokens
 
     def __enter__(self) -> "ClusterTimer":
         original = self._original
 
-        def timed(block, *args):
+        def timed(*args, **kwargs):
             start = time.perf_counter()
-            result = original(block, *args)
+            result = original(*args, **kwargs)
             self.seconds += time.perf_counter() - start
-            self.results[block] = result
+            self.results.append(result)
             return result
 
-        ATCBlock._cluster = timed
+        atc_vit.cluster_tokens = timed
         return self
 
     def __exit__(self, *exc) -> None:
-        ATCBlock._cluster = self._original
+        atc_vit.cluster_tokens = self._original
 
 
 class ReplayedClustering:
-    """fvcore cannot trace the clustering's data-dependent rounds: while active, each block
-    computes its clustering metric and the cosine distances (so fvcore counts them) and then
-    replays the labels recorded on the same image."""
+    """fvcore cannot trace the clustering's data-dependent rounds: while active, each call
+    computes the cosine distances of its clustering metric (so fvcore counts them) and then
+    replays the partition recorded at the same call of a timed forward on the same image."""
 
-    def __init__(self, results: dict[ATCBlock, tuple[torch.Tensor, int]]) -> None:
+    def __init__(self, results: list) -> None:
         self.results = results
-        self._original = ATCBlock._cluster
+        self._original = atc_vit.cluster_tokens
 
     def __enter__(self) -> None:
-        results = self.results
+        calls = iter(self.results)
 
-        def replayed(block, normed, valid):
-            labels, num_clusters = results[block]
-            distances = cosine_distances(block._cluster_metric(normed))
+        def replayed(metric, *args, **kwargs):
+            part = next(calls)
+            distances = cosine_distances(metric)
             # Tie the distances to the output so that the trace keeps them.
-            return labels + distances[:, :1, 0].long() * 0, num_clusters
+            return part._replace(labels=part.labels + distances[:, :1, 0].long() * 0)
 
-        ATCBlock._cluster = replayed
+        atc_vit.cluster_tokens = replayed
 
     def __exit__(self, *exc) -> None:
-        ATCBlock._cluster = self._original
+        atc_vit.cluster_tokens = self._original
 
 
 def measure(model: ViT, image: torch.Tensor, runs: int) -> tuple[float, float, float]:

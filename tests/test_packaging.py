@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Installed first by the user (setup.py leaves them out): import name -> why.
 PREREQUISITES = {"torch": "PyTorch", "torchvision": "PyTorch", "detectron2": "Detectron2",
+                 "triton": "PyTorch's CUDA builds (optional: the GPU clustering backend)",
                  "cv2": "any OpenCV distribution, or the [opencv] extra"}
 OPENCV = {"opencv-python", "opencv-contrib-python", "opencv-python-headless",
           "opencv-contrib-python-headless"}

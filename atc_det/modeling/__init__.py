@@ -15,7 +15,8 @@ if importlib.util.find_spec("detectron2.modeling.backbone.vit") is None:
 from . import backbone, secvit_backbone  # noqa: E402,F401  (register the backbones)
 from .atc_vit import apply_atc, apply_atc_from_cfg, collect_source_maps, remove_atc  # noqa: E402
 from .backbone import check_config  # noqa: E402
+from .fast_attention import apply_fast_attention, remove_fast_attention  # noqa: E402
 from .sec_attention import apply_sec, apply_sec_from_cfg, remove_sec  # noqa: E402
 
-__all__ = ["apply_atc", "apply_atc_from_cfg", "apply_sec", "apply_sec_from_cfg", "check_config",
-           "collect_source_maps", "remove_atc", "remove_sec"]
+__all__ = ["apply_atc", "apply_atc_from_cfg", "apply_fast_attention", "apply_sec", "apply_sec_from_cfg",
+           "check_config", "collect_source_maps", "remove_atc", "remove_fast_attention", "remove_sec"]

@@ -39,6 +39,7 @@ from detectron2.modeling.backbone.vit import Attention, Block, ViT
 from atc_det.merge import merge_tokens, unmerge_tokens
 from atc_det.modeling.sec_attention import SecAttention
 from atc_det.reduction import (
+    Partition,
     ReductionSettings,
     check_reduction,
     cluster_attention_bias,
@@ -130,18 +131,28 @@ def query_rel_pos_terms(q: Tensor, weights: Tensor, table: Tensor) -> Tensor:
     return torch.einsum("nhld,nlrd->nhlr", q, torch.einsum("nla,ard->nlrd", weights, lattice))
 
 
-def attention_layout(used: Tensor, num_rows: int) -> tuple[Tensor, Tensor, int]:
-    """Place the used slots of [G, K] in ``num_rows`` attention rows (G = num_rows * groups).
+def window_real_counts(height: int, width: int, window_size: int) -> list[int]:
+    """Real (unpadded) tokens of each group of :func:`group_tokens` for one image, from the shape
+    alone (host ints, in Detectron2's window order); ``window_size`` 0: one group."""
+    if window_size == 0:
+        return [height * width]
+    rows = [min(window_size, height - r) for r in range(0, height, window_size)]
+    cols = [min(window_size, width - c) for c in range(0, width, window_size)]
+    return [r * c for r in rows for c in cols]
 
-    Returns the flat slot index [T] of every used slot (row-major), its flat position [T] in an
-    [num_rows, L] attention layout (slots of one row packed to the front), and L.
+
+def attention_layout(used: Tensor, counts: Sequence[int]) -> tuple[Tensor, Tensor, int]:
+    """Place the used slots of [G, K] in ``len(counts)`` attention rows (G = rows * groups).
+
+    ``counts``: the number of used slots of each row, known on the host. Returns the flat slot
+    index [T] of every used slot (row-major), its flat position [T] in a [rows, L] attention
+    layout (slots of one row packed to the front), and L. No synchronisation with the device.
     """
-    slot = used.flatten().nonzero()[:, 0]
-    row = slot // (used.numel() // num_rows)
-    count = torch.bincount(row, minlength=num_rows)
-    length = int(count.max())
-    start = torch.cumsum(count, 0) - count
-    position = row * length + torch.arange(slot.numel(), device=used.device) - start[row]
+    total, length, device = sum(counts), max(counts), used.device
+    slot = torch.argsort((~used.flatten()).to(torch.uint8), stable=True)[:total].sort().values
+    row = slot // (used.numel() // len(counts))
+    start = torch.tensor([sum(counts[:r]) for r in range(len(counts))]).to(device, non_blocking=True)
+    position = row * length + torch.arange(total, device=device) - start[row]
     return slot, position, length
 
 
@@ -218,8 +229,9 @@ class ATCBlock(Block):
             return normed
         return head_mean_keys(normed, self.attn.qkv.weight, self.attn.qkv.bias, self.attn.num_heads)
 
-    def _partition(self, tokens: Tensor, valid: Tensor) -> tuple[Tensor, int]:
-        """Labels [G, S] of the grouped tokens [G, S, C] and the number of cluster slots K.
+    def _partition(self, tokens: Tensor, valid: Tensor, real_counts: list[int]) -> Partition:
+        """The clusters of the grouped tokens [G, S, C] (``valid`` [G, S]; ``real_counts``: each
+        group's real tokens, host ints).
 
         Dense mode clusters the tokens. Merge mode starts from the partition of the previous
         block (the tokens hold their cluster's value) and, in a reduction block, clusters its
@@ -228,19 +240,20 @@ class ATCBlock(Block):
         s = self._atc
         if s.mode == "dense" or self._atc_first:
             normed = self.norm1(tokens) * valid[..., None]  # padding enters attention as zeros
-            labels, K = cluster_tokens(self._cluster_metric(normed), valid, s)
+            part = cluster_tokens(self._cluster_metric(normed), valid, s, real_counts=real_counts)
         else:
-            labels, K = self._atc_state["labels"], self._atc_state["num_clusters"]
+            part = self._atc_state["partition"]
             if s.clusters:
-                merged, _ = merge_tokens(tokens, labels, K)
+                merged, _ = merge_tokens(tokens, part.labels, part.num_slots, check_labels=False)
                 # Real and padding tokens never share a cluster: a slot is real if a member is.
-                real = valid.new_zeros(valid.shape[0], K).scatter_(1, labels, valid)
+                real = valid.new_zeros(valid.shape[0], part.num_slots).scatter_(1, part.labels, valid)
                 normed = self.norm1(merged) * real[..., None]
-                coarse, K = cluster_tokens(self._cluster_metric(normed), real, s)
-                labels = coarse.gather(1, labels)
+                coarse = cluster_tokens(self._cluster_metric(normed), real, s,
+                                        real_counts=part.real_clusters)
+                part = coarse._replace(labels=coarse.labels.gather(1, part.labels))
         if s.mode == "merge":
-            self._atc_state.update(labels=labels, num_clusters=K)
-        return labels, K
+            self._atc_state["partition"] = part
+        return part
 
     def forward(self, x: Tensor) -> Tensor:
         s = self._atc
@@ -248,30 +261,43 @@ class ATCBlock(Block):
         windowed = self.window_size > 0
         group = self.window_size if windowed else (s.window_size if s.scope == "window" else 0)
         tokens, valid, coords, pad_hw = group_tokens(x, group)
-        labels, K = self._partition(tokens, valid)
+        part = self._partition(tokens, valid, window_real_counts(H, W, group) * B)
+        labels, K = part.labels, part.num_slots
+        identity = K == tokens.shape[1] and all(c == K for c in part.clusters)
 
-        merged, size = merge_tokens(tokens, labels, K)
+        merged, size = merge_tokens(tokens, labels, K, check_labels=False)
         if windowed:
             # Each window attends within itself; its padding clusters are keys, as in Detectron2.
             coords = coords - coords[:, :1]
             grid, rows = (self.window_size, self.window_size), labels.shape[0]
         else:
-            # The clusters of all windows of an image attend to each other; padding is dropped.
+            # The clusters of all windows of an image attend to each other; padding is no key.
             grid, rows = (H, W), B
         extra = [valid[..., None].to(x.dtype), coords]
         if s.rel_pos == "mean":
             extra += [interpolation_weights(coords[..., 0], grid[0]),
                       interpolation_weights(coords[..., 1], grid[1])]
-        extra, _ = merge_tokens(torch.cat(extra, -1), labels, K)
+        extra, _ = merge_tokens(torch.cat(extra, -1), labels, K, check_labels=False)
         real = extra[..., 0] > 0
         if s.rel_pos == "mean":  # member histograms over the lattice rows / cols
             row_weights, col_weights = extra[..., 3:].split(grid, dim=-1)
         else:  # linear-interpolation weights of the size-weighted centroid
             row_weights = interpolation_weights(extra[..., 1], grid[0])
             col_weights = interpolation_weights(extra[..., 2], grid[1])
-        slot, position, length = attention_layout(size > 0 if windowed else real, rows)
-        image = slot // (size.numel() // B)  # image of each used cluster
+        # The used slots of each attention row, counted on the host: a window's clusters (all
+        # non-empty); in a global block the real tokens (no clustering) or all clusters, padding
+        # clusters masked out as keys (their outputs are dropped).
         key_bias = cluster_attention_bias(size, s.prop_attn)
+        if windowed:
+            slot, position, length = attention_layout(size > 0, part.clusters)
+        else:
+            groups = len(part.clusters) // B
+            counts = part.real_clusters if identity else part.clusters
+            per_image = [sum(counts[i * groups:(i + 1) * groups]) for i in range(B)]
+            slot, position, length = attention_layout(real if identity else size > 0, per_image)
+            if not identity:
+                key_bias = key_bias.masked_fill(~real, float("-inf"))
+        image = slot // (size.numel() // B)  # image of each used cluster
 
         merged_all, merged = merged, merged.reshape(-1, C)[slot]
         normed = self.norm1(merged) * real.flatten()[slot, None]

@@ -108,7 +108,7 @@ class _ATCBlock:
             else:
                 metric = _qkv(self.attn, normed)[1].mean(1)
         valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        labels, num_clusters = cluster_tokens(metric, valid, s, protected=num_prefix)
+        labels, num_clusters = cluster_tokens(metric, valid, s, protected=num_prefix)[:2]
         merged, size = merge_tokens(x, labels, num_clusters)
         attn_out, _ = self.attn(self.norm1(merged), key_bias=cluster_attention_bias(size, s.prop_attn))
         update = self.drop_path1(self.ls1(attn_out))
@@ -121,7 +121,7 @@ def _merge(x: Tensor, metric: Tensor, settings: ReductionSettings, info: dict) -
     num_prefix = info["num_prefix_tokens"]
     size = info["size"]
     valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if size is None else size > 0
-    labels, num_clusters = cluster_tokens(metric, valid, settings, protected=num_prefix)
+    labels, num_clusters = cluster_tokens(metric, valid, settings, protected=num_prefix)[:2]
     x, info["size"] = merge_tokens(x, labels, num_clusters, size)
     info["source"] = compose_source(info["source"], labels[:, num_prefix:] - num_prefix)
     return x
