@@ -8,7 +8,8 @@ drift of a shared machine hits both alike. Prints each version's median time and
 (candidate / base: below 1 is faster). First it checks that both give the same labels on
 ``--check-cases`` random batches per dtype (float32 and float64; random N, C, batch size and
 number of merges, every linkage; every third case with features rounded to halves, so that
-distances tie), and prints how many differ.
+distances tie), and prints how many differ. Both versions must have the kernel's C ABI of the
+working tree (``num_merges`` as a per-sample array, since the Triton backend's commit).
 
     OMP_NUM_THREADS=2 python benchmarks/ab_native_kernel.py --base HEAD~1
 """
@@ -42,6 +43,7 @@ def check_labels(libraries: dict, cases: int, seed: int) -> None:
                 features = torch.round(features * 2) / 2
             for linkage in native.LINKAGE_CODES:
                 merges = draw(features.shape[1] + 1) - 1
+                merges = torch.full((features.shape[0],), merges)
                 base, candidate = (native.cluster(linkage, merges, None, None, features=features,
                                                   library=libraries[name]) for name in ("base", "candidate"))
                 calls += 1
@@ -81,7 +83,7 @@ def main() -> None:
                     order = ("base", "candidate") if call % 2 else ("candidate", "base")
                     for name in order:
                         start = time.perf_counter()
-                        native.cluster(linkage, 196 - clusters, None, None, features=features,
+                        native.cluster(linkage, torch.full((25,), 196 - clusters), None, None, features=features,
                                        library=libraries[name])
                         if call:  # the first round is a warm-up
                             times[name].append(time.perf_counter() - start)

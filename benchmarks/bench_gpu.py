@@ -173,6 +173,13 @@ def backbone_table(size, batches, dtypes, device, runs) -> list[str]:
     return lines
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    return f"{model or platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
@@ -192,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --size must be a positive multiple of 16, got {args.size}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
     header = [f"# ATC on {name}", "",
               f"torch {torch.__version__}, {args.size}x{args.size}, median of {args.runs} runs after "
               f"warm-up; command: `{' '.join(['python', 'benchmarks/bench_gpu.py', *sys.argv[1:]])}`", "",

@@ -432,3 +432,33 @@ def test_kernel_lock_on_windows_retries_msvcrt_and_unlocks(monkeypatch, tmp_path
     with pytest.raises(OSError, match="denied"):
         with native._exclusive_lock(tmp_path / "kernel.lock"):
             pass
+
+
+def test_auto_backend_picks_triton_for_cuda_tensors_and_warns_once_without_it(monkeypatch):
+    """Dispatch only (no GPU here): CUDA tensors take Triton when it imports, else the torch path
+    with one warning; samples above the kernel's size and CPU tensors keep their backends."""
+    from atc_det import clustering, triton_clustering
+
+    cuda = types.SimpleNamespace(device=torch.device("cuda"), shape=(25, 196, 64))
+    assert clustering._backend("auto", cuda) == "triton"
+    large = types.SimpleNamespace(device=torch.device("cuda"), shape=(1, 4096, 64))
+    assert clustering._backend("auto", large) == "torch"
+    assert clustering._backend("auto", torch.zeros(2, 196, 4)) == "native"
+    monkeypatch.setattr(triton_clustering, "available", lambda: False)
+    monkeypatch.setattr(clustering, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="triton unavailable"):
+        assert clustering._backend("auto", cuda) == "torch"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert clustering._backend("auto", cuda) == "torch"  # warned once
+
+
+def test_triton_backend_on_cpu_tensors_without_the_interpreter_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' runs on CUDA tensors"):
+        agglomerative_clustering(torch.randn(1, 8, 4), 3, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="at most 1024 tokens"):
+        agglomerative_clustering(torch.randn(1, 1025, 4), 3, backend="triton", linkage="single")
