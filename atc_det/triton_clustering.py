@@ -171,8 +171,9 @@ if triton is not None:
             _barrier()
             for r0 in range(0, P, ROWS):  # nearest neighbour of every row
                 rows = r0 + ro
-                d = tl.load(D + rows[:, None] * P + offs[None, :])
-                d = tl.where(act[None, :], d, inf)
+                r_act = tl.load(A + rows) != 0  # merged-away rows and columns are not read
+                d = tl.load(D + rows[:, None] * P + offs[None, :], mask=r_act[:, None] & act[None, :],
+                            other=inf)
                 low = tl.min(d, 1)
                 key = tl.where((d == low[:, None]) & act[None, :],
                                tl.load(R + rows)[:, None] ^ rank[None, :], P)
@@ -220,10 +221,16 @@ if triton is not None:
                     r_a = tl.load(ISA + rows) != 0
                     r_p = tl.load(PART + rows)
                     r_w = tl.load(W + rows)
-                    d_xy = tl.load(D + rows[:, None] * P + offs[None, :])
-                    d_py = tl.load(D + r_p[:, None] * P + offs[None, :])
-                    d_xq = tl.load(D + rows[:, None] * P + c_p[None, :])
-                    d_pq = tl.load(D + r_p[:, None] * P + c_p[None, :])
+                    # Only the entries that change are read: rows and columns of the pairs.
+                    update = (r_act[:, None] & c_act[None, :] & (r_a[:, None] | c_a[None, :])
+                              & (rows[:, None] != offs[None, :]))
+                    d_xy = tl.load(D + rows[:, None] * P + offs[None, :], mask=update, other=0.0)
+                    d_py = tl.load(D + r_p[:, None] * P + offs[None, :], mask=update & r_a[:, None],
+                                   other=0.0)
+                    d_xq = tl.load(D + rows[:, None] * P + c_p[None, :], mask=update & c_a[None, :],
+                                   other=0.0)
+                    d_pq = tl.load(D + r_p[:, None] * P + c_p[None, :],
+                                   mask=update & r_a[:, None] & c_a[None, :], other=0.0)
                     row_wb = r_w[:, None]
                     col_wb = c_w[None, :]
                     r1 = _lance_williams(d_xy, d_py, row_wb, LINKAGE)  # row pair first
@@ -237,8 +244,6 @@ if triton is not None:
                         tl.where(lower_row, _lance_williams(r1, r2, col_wb, LINKAGE),
                                  _lance_williams(c1, c2, row_wb, LINKAGE)),
                         tl.where(r_a[:, None], r1, c1))
-                    update = (r_act[:, None] & c_act[None, :] & (r_a[:, None] | c_a[None, :])
-                              & (rows[:, None] != offs[None, :]))
                     tl.store(D + rows[:, None] * P + offs[None, :], value, mask=update)
         return n_edges
 
