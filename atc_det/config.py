@@ -79,6 +79,10 @@ def add_atc_config(cfg: CN) -> None:
     cfg.MODEL.ATC.REL_POS = "centroid"
     # Dynamic stopping: merge while the linkage distance <= THRESHOLD; < 0 uses KEEP_RATE.
     cfg.MODEL.ATC.THRESHOLD = -1.0
+    # Label reuse (MODE "dense", SCOPE "window"): the BLOCKS that cluster; every other block of
+    # BLOCKS reuses the partition of the last clustering block before it (its tokens are merged
+    # with those labels and its update scattered back). Empty: every block of BLOCKS clusters.
+    cfg.MODEL.ATC.CLUSTER_BLOCKS = []
 
 
 def add_sec_config(cfg: CN) -> None:

@@ -156,22 +156,68 @@ def attention_layout(used: Tensor, counts: Sequence[int]) -> tuple[Tensor, Tenso
     return slot, position, length
 
 
+def lattice_interpolation(coord: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The two lattice lines around fractional positions on 0..size-1 and their weights.
+
+    coord [...] -> (lower line, upper line) int64 and (lower weight, upper weight), each [...]:
+    the non-zeros of :func:`interpolation_weights` (the upper weight is 0 at integers).
+    """
+    lower = coord.floor().clamp(0, size - 1)
+    upper_weight = coord - lower
+    return (lower.long(), (lower + 1).clamp(max=size - 1).long(), 1 - upper_weight, upper_weight)
+
+
+def centroid_rel_pos_bias(q: Tensor, centroids: tuple[Tensor, Tensor], tables: tuple[Tensor, Tensor],
+                          grid: tuple[int, int]) -> Tensor:
+    """Decomposed relative-position logits of tokens at fractional (centroid) positions, as an
+    additive attention mask, at the q.k cost of stock ViTDet (no widened dot products).
+
+    q [A, h, L, D] (unscaled queries); centroids (rows [A, L], cols [A, L]); tables [2S - 1, D]
+    per axis (offset o at row o + S - 1); grid (Sh, Sw) -> [A, h, L, L]. Per axis, a position is
+    its two interpolation lines (:func:`lattice_interpolation`); entry (i, j) is
+    sum_ab wi[a] wj[b] q_i . R(a - b): query i's dot products with the 2S - 1 offsets, gathered at
+    its own two lines (-> a term per lattice line, [A, h, L, S]) and then at key j's two lines.
+    One-hot positions give exactly Detectron2's term.
+    """
+    A, heads, L, _ = q.shape
+    bias = None
+    for coord, table, size in zip(centroids, tables, grid):
+        offsets = q @ table.t().to(q.dtype)  # [A, h, L, 2S - 1]
+        low, high, w_low, w_high = lattice_interpolation(coord, size)
+        lines = torch.arange(size, device=q.device)
+        terms = None  # [A, h, L, S]: query i's term towards lattice line s
+        for line, weight in ((low, w_low), (high, w_high)):
+            index = (line[..., None] - lines + size - 1)[:, None].expand(A, heads, L, size)
+            part = offsets.gather(-1, index) * weight[:, None, :, None].to(q.dtype)
+            terms = part if terms is None else terms + part
+        for line, weight in ((low, w_low), (high, w_high)):
+            part = terms.gather(-1, line[:, None, None, :].expand(A, heads, L, L))
+            part = part * weight[:, None, None, :].to(q.dtype)
+            bias = part if bias is None else bias.add_(part)
+    return bias
+
+
 def cluster_attention(
     attn: Attention,
     tokens: Tensor,
     positions: tuple[Tensor, Tensor],
     key_bias: Tensor,
     layout: tuple[Tensor, int, int],
+    rel_pos: str = "centroid",
+    grid: tuple[int, int] | None = None,
 ) -> Tensor:
-    """Detectron2 ``Attention`` over (cluster) tokens whose positions are distributions.
+    """Detectron2 ``Attention`` over (cluster) tokens whose positions are distributions, with
+    PyTorch's ``scaled_dot_product_attention``.
 
-    tokens [T, C] (normalised); positions = (row weights [T, Sh], col weights [T, Sw]): each
-    token's position as a distribution over the lattice rows / cols; key_bias [T] added to the
-    logits of each key (log size). ``layout`` = (position [T] in the flat attention layout,
-    rows A, length L): tokens attend to the tokens of their row; empty places are masked.
-    Relative positions: logit(i, j) += sum_ab wi[a] wj[b] q_i . R(a - b) per axis, i.e. exactly
-    Detectron2's term for one-hot (single-token) positions.
-    Returns [T, C].
+    tokens [T, C] (normalised); key_bias [T] added to the logits of each key (log size).
+    ``layout`` = (position [T] in the flat attention layout, rows A, length L): tokens attend to
+    the tokens of their row; empty places are masked. Relative positions, per axis:
+    logit(i, j) += sum_ab wi[a] wj[b] q_i . R(a - b), exactly Detectron2's term for one-hot
+    (single-token) positions. ``rel_pos="centroid"``: ``positions`` = (row, col) centroids [T]
+    on a lattice of size ``grid``, given to SDPA as its additive mask
+    (:func:`centroid_rel_pos_bias`); ``"mean"``: ``positions`` = (row weights [T, Sh], col
+    weights [T, Sw]) member histograms, added as a bilinear form (q and k widened by the
+    per-line terms). Returns [T, C].
     """
     position, num_rows, length = layout
     C, heads = tokens.shape[-1], attn.num_heads
@@ -182,25 +228,24 @@ def cluster_attention(
 
     qkv = placed(attn.qkv(tokens), 0.0).reshape(num_rows, length, 3, heads, -1)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [A, heads, L, D]
-    key_bias = placed(key_bias, float("-inf"))
-    scaled_q = q * attn.scale
-    if attn.use_rel_pos:
+    mask = placed(key_bias, float("-inf"))[:, None, None, :].to(q.dtype)  # [A, 1, 1, L]
+    scale = attn.scale
+    if attn.use_rel_pos and rel_pos == "centroid":
+        tables = (resized_rel_pos_table(attn.rel_pos_h, grid[0]),
+                  resized_rel_pos_table(attn.rel_pos_w, grid[1]))
+        mask = centroid_rel_pos_bias(q, tuple(placed(c, 0.0) for c in positions), tables, grid).add_(mask)
+    elif attn.use_rel_pos:
         row_weights, col_weights = (placed(w, 0.0) for w in positions)
         table_h = resized_rel_pos_table(attn.rel_pos_h, row_weights.shape[-1])
         table_w = resized_rel_pos_table(attn.rel_pos_w, col_weights.shape[-1])
         # Bilinear form: [q*s, Qh, Qw] . [k, Wh, Ww] adds both rel-pos terms in one matmul.
-        scaled_q = torch.cat(
-            [
-                scaled_q,
-                query_rel_pos_terms(q, row_weights, table_h),
-                query_rel_pos_terms(q, col_weights, table_w),
-            ],
-            dim=-1,
-        )
-        key_weights = torch.cat([row_weights, col_weights], dim=-1)[:, None]
+        q = torch.cat([q * scale, query_rel_pos_terms(q, row_weights, table_h).to(q.dtype),
+                       query_rel_pos_terms(q, col_weights, table_w).to(q.dtype)], dim=-1)
+        key_weights = torch.cat([row_weights, col_weights], dim=-1)[:, None].to(k.dtype)
         k = torch.cat([k, key_weights.expand(-1, heads, -1, -1)], dim=-1)
-    logits = scaled_q @ k.transpose(-2, -1) + key_bias[:, None, None, :]
-    out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(num_rows * length, C)
+        scale = 1.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = out.transpose(1, 2).reshape(num_rows * length, C)
     return attn.proj(out[position])
 
 
@@ -238,7 +283,9 @@ class ATCBlock(Block):
         clusters: the new labels are the composition.
         """
         s = self._atc
-        if s.mode == "dense" or self._atc_first:
+        if s.mode == "dense" and not s.clusters:  # label reuse: the last clustering block's
+            part = self._atc_state["partition"]
+        elif s.mode == "dense" or self._atc_first:
             normed = self.norm1(tokens) * valid[..., None]  # padding enters attention as zeros
             part = cluster_tokens(self._cluster_metric(normed), valid, s, real_counts=real_counts)
         else:
@@ -251,8 +298,7 @@ class ATCBlock(Block):
                 coarse = cluster_tokens(self._cluster_metric(normed), real, s,
                                         real_counts=part.real_clusters)
                 part = coarse._replace(labels=coarse.labels.gather(1, part.labels))
-        if s.mode == "merge":
-            self._atc_state["partition"] = part
+        self._atc_state["partition"] = part
         return part
 
     def forward(self, x: Tensor) -> Tensor:
@@ -281,9 +327,9 @@ class ATCBlock(Block):
         real = extra[..., 0] > 0
         if s.rel_pos == "mean":  # member histograms over the lattice rows / cols
             row_weights, col_weights = extra[..., 3:].split(grid, dim=-1)
-        else:  # linear-interpolation weights of the size-weighted centroid
-            row_weights = interpolation_weights(extra[..., 1], grid[0])
-            col_weights = interpolation_weights(extra[..., 2], grid[1])
+            positions = (row_weights.reshape(-1, grid[0]), col_weights.reshape(-1, grid[1]))
+        else:  # the size-weighted centroid (linearly interpolated between lattice lines)
+            positions = (extra[..., 1].reshape(-1), extra[..., 2].reshape(-1))
         # The used slots of each attention row, counted on the host: a window's clusters (all
         # non-empty); in a global block the real tokens (no clustering) or all clusters, padding
         # clusters masked out as keys (their outputs are dropped).
@@ -307,9 +353,11 @@ class ATCBlock(Block):
         update = drop_attn * cluster_attention(
             self.attn,
             normed,
-            (row_weights.reshape(-1, grid[0])[slot], col_weights.reshape(-1, grid[1])[slot]),
+            tuple(p[slot] for p in positions),
             key_bias.flatten()[slot],
             (position, rows, length),
+            s.rel_pos,
+            grid,
         )
         update = update + drop_mlp * self.mlp(self.norm2(merged + update))
 
@@ -333,14 +381,29 @@ class ATCBlock(Block):
 # ---------------------------------------------------------------------------------------------
 
 
-def check_atc_arguments(depth: int, keep_rate, linkage, blocks, **options) -> tuple[list[int], list[float]]:
+def check_atc_arguments(depth: int, keep_rate, linkage, blocks, cluster_blocks=None, **options
+                        ) -> tuple[list[int], list[float | None]]:
     """:func:`~atc_det.reduction.check_reduction` for a Detectron2 ViT of ``depth`` blocks
-    (default blocks: all but the first), plus merge mode's need for window scope."""
+    (default blocks: all but the first), plus merge mode's need for window scope and label reuse
+    (``cluster_blocks``). Returns the blocks and their keep rates (None: the block reuses the
+    partition)."""
     block_ids, rates = check_reduction(depth, keep_rate, linkage, blocks, range(1, depth), **options)
     if options.get("mode") == "merge" and options.get("scope") != "window":
         raise ValueError("mode 'merge' (MODEL.ATC.MODE) needs scope 'window' (MODEL.ATC.SCOPE): "
                          "windowed blocks after a reduction attend within the windows' clusters")
-    return block_ids, rates
+    if cluster_blocks is None:
+        return block_ids, rates
+    chosen = list(cluster_blocks) if isinstance(cluster_blocks, (list, tuple, range)) else None
+    if chosen is None or not chosen or len(set(chosen)) != len(chosen) or \
+            any(isinstance(b, bool) or b not in block_ids for b in chosen) or block_ids[0] not in chosen:
+        raise ValueError(f"cluster_blocks (MODEL.ATC.CLUSTER_BLOCKS) must be distinct indexes of the "
+                         f"reduction blocks {block_ids} (MODEL.ATC.BLOCKS), including the first "
+                         f"({block_ids[0]}), got {cluster_blocks!r}")
+    if options.get("mode") != "dense" or options.get("scope") != "window":
+        raise ValueError("cluster_blocks (MODEL.ATC.CLUSTER_BLOCKS) needs mode 'dense' and scope "
+                         "'window': the partition of the 14x14 windows is reused by later blocks "
+                         "(merge mode reuses it anyway)")
+    return block_ids, [rate if index in chosen else None for index, rate in zip(block_ids, rates)]
 
 
 def apply_atc(
@@ -356,6 +419,7 @@ def apply_atc(
     scope: str = "window",
     threshold: float | None = None,
     rel_pos: str = "centroid",
+    cluster_blocks: Sequence[int] | None = None,
     **method_options,
 ) -> ViT:
     """Make selected blocks of a built Detectron2 ``ViT`` cluster their tokens (in place).
@@ -375,6 +439,10 @@ def apply_atc(
         rel_pos: relative position of a cluster for ViTDet's decomposed rel-pos: "centroid"
             (size-weighted centroid, tables linearly interpolated) or "mean" (the exact mean of
             Detectron2's term over all member pairs of the query and key clusters).
+        cluster_blocks: label reuse (dense mode, window scope): the reduction blocks that
+            cluster; every other reduction block reuses the partition of the last clustering
+            block before it (merging its own input with those labels, its update scattered back
+            to the members). None: every reduction block clusters.
         method_options: passed to the clustering method (e.g. ``k_neighbors`` for "dpcknn").
     Applying again replaces the settings. Returns ``vit``, whose parameters and their names are
     unchanged (checkpoints load as they are); :func:`remove_atc` undoes it.
@@ -383,7 +451,8 @@ def apply_atc(
         raise TypeError(f"apply_atc needs a detectron2.modeling.ViT, got {type(vit).__name__}")
     block_ids, rates = check_atc_arguments(
         len(vit.blocks), keep_rate, linkage, blocks, method=method, metric=metric, mode=mode,
-        prop_attn=prop_attn, scope=scope, threshold=threshold, rel_pos=rel_pos)
+        prop_attn=prop_attn, scope=scope, threshold=threshold, rel_pos=rel_pos,
+        cluster_blocks=cluster_blocks)
     for index, block in enumerate(vit.blocks):
         if not isinstance(block, Block):
             raise TypeError(
@@ -446,6 +515,7 @@ def atc_arguments_from_cfg(cfg) -> dict:
         scope=atc.SCOPE,
         threshold=None if atc.THRESHOLD < 0 else atc.THRESHOLD,
         rel_pos=atc.REL_POS,
+        cluster_blocks=list(atc.CLUSTER_BLOCKS) or None,
     )
 
 
