@@ -1,15 +1,17 @@
-"""FLOPs and CPU wall time of the ViTDet-B backbone (Detectron2 ``ViT``) at 1024x1024, stock,
-with ATC at several keep rates (the time spent in the clustering calls broken out), and with SEC
-grouping (``--sec``), all in one run against the same stock baseline.
+"""FLOPs and CPU wall time of the ViTDet-B backbone (Detectron2 ``ViT``) at 1024x1024: stock,
+stock with SDPA attention (``apply_fast_attention``, the dense peer speedups are quoted against),
+ATC at several keep rates on top of it (the time in the clustering calls broken out), ATC with
+label reuse (``--cluster-blocks``), and SEC grouping (``--sec``), timed in one interleaved run.
 
     OMP_NUM_THREADS=2 flock /tmp/cpu.lock .venv/bin/python benchmarks/bench_vitdet_backbone.py
 
 FLOPs: fvcore ``FlopCountAnalysis`` (one multiply-add = one flop, fvcore's convention) traced on
-the patched model itself; element-wise ops (softmax, gathers, scatters, the clustering's merge
-rounds) are not counted, as usual in fvcore.
-Wall time: median of ``--runs`` forward passes after one warm-up, batch 1, inference mode.
+the patched model itself, with ``scaled_dot_product_attention`` counted as its two matmuls;
+element-wise ops (softmax, gathers, scatters, the clustering's merge rounds) are not counted.
+Wall time: median of ``--runs`` rounds after one warm-up round; each round runs every model
+once, in turn (batch 1, inference mode), so that a shared machine's drift hits all alike.
 fvcore cannot trace the clustering itself (data-dependent rounds): the FLOP count replays the
-labels of the timed runs and counts the clustering metric and its cosine-distance matmul.
+labels of the timed runs and counts the cosine-distance matmul of the clustering metric.
 Clustering time: wall time inside ``cluster_tokens`` (the clustering calls).
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from detectron2.modeling import ViT
 from fvcore.nn import FlopCountAnalysis
 
 from atc_det.clustering import cosine_distances
-from atc_det.modeling import apply_atc, apply_sec
+from atc_det.modeling import apply_atc, apply_fast_attention, apply_sec
 from atc_det.modeling import atc_vit
 
 
@@ -119,58 +121,85 @@ class ReplayedClustering:
         atc_vit.cluster_tokens = self._original
 
 
-def measure(model: ViT, image: torch.Tensor, runs: int) -> tuple[float, float, float]:
-    """(fvcore GFLOPs, median seconds per forward, median clustering seconds per forward)."""
-    with torch.inference_mode():
-        model(image)  # warm-up
-        times, cluster_times = [], []
-        for _ in range(runs):
-            with ClusterTimer() as timer:
-                start = time.perf_counter()
-                model(image)
-                times.append(time.perf_counter() - start)
-            cluster_times.append(timer.seconds)
-        with ReplayedClustering(timer.results):
-            flops = FlopCountAnalysis(model, image)
-            flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            gflops = flops.total() / 1e9
-    return gflops, statistics.median(times), statistics.median(cluster_times)
+def sdpa_flops(inputs, outputs) -> float:
+    """fvcore handle: q [.., L, D] k [.., S, D] v [.., S, Dv] -> L*S*D + L*S*Dv multiply-adds."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(inputs[i]) for i in range(3))
+    batch = 1
+    for dim in q[:-2]:
+        batch *= dim
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def gflops(model: ViT, image: torch.Tensor, results: list | None) -> float:
+    with torch.inference_mode(), ReplayedClustering(results or []):
+        flops = FlopCountAnalysis(model, image)
+        flops.set_op_handle("aten::scaled_dot_product_attention", sdpa_flops)
+        flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return flops.total() / 1e9
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--keep", type=float, nargs="+", default=[0.75, 0.5, 0.25])
+    parser.add_argument("--keep", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25],
+                        help="keep rates (1: nothing to merge, the reduced blocks run the stock block)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--method", default="atc")
     parser.add_argument("--linkage", default="average")
     parser.add_argument("--metric", default="keys")
     parser.add_argument("--blocks", type=int, nargs="+", default=list(range(1, 12)))
+    parser.add_argument("--cluster-blocks", type=int, nargs="*", default=[1, 5, 9],
+                        help="label reuse: also ATC at each keep rate < 1 clustering only in these "
+                             "blocks (none: skip)")
     parser.add_argument("--sec", action="store_true", help="also SEC grouping (SEC_SETTINGS)")
     args = parser.parse_args()
 
     stock = vitdet_b(args.size)
+    fast = apply_fast_attention(copy.deepcopy(stock))
     image = smooth_image(args.size)
-    print(f"ViTDet-B backbone, {args.size}x{args.size}, batch 1, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; ATC: method {args.method}, linkage {args.linkage}, "
-          f"metric {args.metric}, blocks {args.blocks}\n")
-    print("| model | GFLOPs (fvcore) | FLOP speedup | time (s) | speedup | realised / FLOP speedup "
-          "| clustering (s) | clustering share |")
-    print("|---|---|---|---|---|---|---|---|")
-    base_gflops, base_time, _ = measure(stock, image, args.runs)
-    print(f"| stock | {base_gflops:.1f} | 1.00x | {base_time:.2f} | 1.00x | - | - | - |", flush=True)
+    models = [("stock (Detectron2)", stock), ("stock + SDPA", fast),
+              ("ATC threshold 0 (the merged-token path, nothing merged)",
+               apply_atc(copy.deepcopy(fast), threshold=0.0, blocks=args.blocks, metric=args.metric))]
     for keep in args.keep:
-        model = apply_atc(copy.deepcopy(stock), keep_rate=keep, linkage=args.linkage,
-                          blocks=args.blocks, method=args.method, metric=args.metric)
-        gflops, seconds, cluster = measure(model, image, args.runs)
-        flop_speedup, speedup = base_gflops / gflops, base_time / seconds
-        print(f"| keep {keep:g} | {gflops:.1f} | {flop_speedup:.2f}x | {seconds:.2f} | {speedup:.2f}x "
-              f"| {speedup / flop_speedup:.0%} | {cluster:.2f} | {cluster / seconds:.1%} |", flush=True)
+        atc = dict(keep_rate=keep, linkage=args.linkage, blocks=args.blocks, method=args.method,
+                   metric=args.metric)
+        models.append((f"ATC keep {keep:g}", apply_atc(copy.deepcopy(fast), **atc)))
+        if args.cluster_blocks and keep < 1:
+            models.append((f"ATC keep {keep:g}, clustering in {args.cluster_blocks}",
+                           apply_atc(copy.deepcopy(fast), cluster_blocks=args.cluster_blocks, **atc)))
     for label, kwargs in SEC_SETTINGS if args.sec else []:
-        gflops, seconds, _ = measure(apply_sec(copy.deepcopy(stock), **kwargs), image, args.runs)
-        flop_speedup, speedup = base_gflops / gflops, base_time / seconds
-        print(f"| {label} | {gflops:.1f} | {flop_speedup:.2f}x | {seconds:.2f} | {speedup:.2f}x "
-              f"| {speedup / flop_speedup:.0%} | - | - |", flush=True)
+        models.append((label, apply_sec(copy.deepcopy(stock), **kwargs)))
+
+    times = {name: [] for name, _ in models}
+    cluster_times = {name: [] for name, _ in models}
+    results = {}
+    with torch.inference_mode():
+        for run in range(args.runs + 1):  # run 0 is the warm-up
+            for name, model in models:
+                with ClusterTimer() as timer:
+                    start = time.perf_counter()
+                    model(image)
+                    seconds = time.perf_counter() - start
+                if run:
+                    times[name].append(seconds)
+                    cluster_times[name].append(timer.seconds)
+                results[name] = timer.results
+    print(f"ViTDet-B backbone, {args.size}x{args.size}, batch 1, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, median of {args.runs} interleaved rounds; ATC: method "
+          f"{args.method}, linkage {args.linkage}, metric {args.metric}, blocks {args.blocks}\n")
+    print("| model | GFLOPs (fvcore) | time (s) | speedup vs stock + SDPA | vs stock | clustering (s) "
+          "| clustering share |")
+    print("|---|---|---|---|---|---|---|")
+    reference, base = (statistics.median(times[n]) for n in ("stock + SDPA", "stock (Detectron2)"))
+    for name, model in models:
+        seconds, cluster = statistics.median(times[name]), statistics.median(cluster_times[name])
+        clustered = name.startswith("ATC")
+        print(f"| {name} | {gflops(model, image, results[name]):.1f} | {seconds:.2f} | "
+              f"{reference / seconds:.2f}x | {base / seconds:.2f}x | "
+              f"{f'{cluster:.2f}' if clustered else '-'} | {f'{cluster / seconds:.1%}' if clustered else '-'} |",
+              flush=True)
 
 
 if __name__ == "__main__":

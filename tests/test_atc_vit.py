@@ -25,12 +25,14 @@ def test_keep_rate_one_equals_detectron2(batch, height, width, scope, rel_pos):
     torch.testing.assert_close(vit_features(patched, images), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("scope", ["window", "image"])
 @pytest.mark.parametrize("rel_pos", ["centroid", "mean"])
-def test_zero_threshold_clusters_nothing_and_equals_detectron2(rel_pos):
-    # Distance threshold 0 keeps distinct tokens apart, so the clustered path must reproduce the
-    # stock model (labels come from the clustering call, not from a keep-rate-1 shortcut).
+def test_zero_threshold_clusters_nothing_and_equals_detectron2(rel_pos, scope):
+    # Distance threshold 0 keeps distinct tokens apart, so the merged-token path must reproduce
+    # the stock model (labels come from the clustering call; keep rate 1 runs the stock block).
+    # At 224 px there is no window padding (whose identical tokens would merge).
     stock = small_vit()
-    patched = apply_atc(copy.deepcopy(stock), blocks=range(4), threshold=0.0, rel_pos=rel_pos)
+    patched = apply_atc(copy.deepcopy(stock), blocks=range(4), threshold=0.0, rel_pos=rel_pos, scope=scope)
     images = torch.randn(2, 3, 224, 224)
     expected = vit_features(stock, images)
     torch.testing.assert_close(vit_features(patched, images), expected, rtol=1e-4, atol=1e-5)

@@ -36,10 +36,11 @@ def test_centroid_bias_equals_the_definition_for_fractional_positions(grid):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_centroid_and_mean_rel_pos_agree_at_keep_one_and_differ_when_merged():
-    stock = small_vit(img_size=320)
-    images = torch.randn(1, 3, 320, 320)
-    outs = {mode: vit_features(apply_atc(copy.deepcopy(stock), keep_rate=1.0, rel_pos=mode), images)
+def test_centroid_and_mean_rel_pos_agree_when_nothing_is_merged():
+    """Threshold 0 at 224 px (no padding): the merged-token path with single tokens."""
+    stock = small_vit()
+    images = torch.randn(1, 3, 224, 224)
+    outs = {mode: vit_features(apply_atc(copy.deepcopy(stock), threshold=0.0, rel_pos=mode), images)
             for mode in ("centroid", "mean")}
     torch.testing.assert_close(outs["centroid"], outs["mean"], rtol=1e-4, atol=1e-5)
     assert resized_rel_pos_table(stock.blocks[1].attn.rel_pos_h, 20).shape[0] == 39
@@ -107,13 +108,14 @@ def test_bad_cluster_blocks_is_one_clear_error(kwargs, message):
 
 
 def test_reduced_blocks_under_bf16_autocast(methods):
-    """Keep 1.0 under bf16 autocast equals stock under autocast within bf16 tolerance; at keep
-    0.5 the clustering still sees float32 features while attention and MLP run in bf16."""
+    """The merged-token path with nothing merged (threshold 0) under bf16 autocast equals stock
+    under autocast within bf16 tolerance; at keep 0.5 the clustering still sees float32 features
+    while attention and MLP run in bf16."""
     stock = apply_fast_attention(small_vit(img_size=320))
     images = torch.randn(1, 3, 320, 320)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = vit_features(stock, images)
-        got = vit_features(apply_atc(copy.deepcopy(stock), keep_rate=1.0), images)
+        got = vit_features(apply_atc(copy.deepcopy(stock), threshold=0.0), images)
     reference = vit_features(stock, images)
     tolerance = (expected.float() - reference).abs().max().item()
     assert (got.float() - expected.float()).abs().max().item() <= 2 * tolerance + 1e-3

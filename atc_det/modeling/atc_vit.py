@@ -173,27 +173,35 @@ def centroid_rel_pos_bias(q: Tensor, centroids: tuple[Tensor, Tensor], tables: t
     additive attention mask, at the q.k cost of stock ViTDet (no widened dot products).
 
     q [A, h, L, D] (unscaled queries); centroids (rows [A, L], cols [A, L]); tables [2S - 1, D]
-    per axis (offset o at row o + S - 1); grid (Sh, Sw) -> [A, h, L, L]. Per axis, a position is
-    its two interpolation lines (:func:`lattice_interpolation`); entry (i, j) is
-    sum_ab wi[a] wj[b] q_i . R(a - b): query i's dot products with the 2S - 1 offsets, gathered at
-    its own two lines (-> a term per lattice line, [A, h, L, S]) and then at key j's two lines.
-    One-hot positions give exactly Detectron2's term.
+    per axis (offset o at row o + S - 1); grid (Sh, Sw) -> [A, h, L, L] (float32 or q's dtype if
+    wider). Per axis and
+    position, linear interpolation between its two lattice lines: entry (i, j) is
+    sum_ab wi[a] wj[b] q_i . R(a - b). Query i's dot products with the 2S - 1 offsets, taken at its
+    own two lines, give its term towards every lattice line ([A, h, L, S]); that term is then
+    interpolated at each key's position (``grid_sample``: two reads per entry). One-hot positions
+    give exactly Detectron2's term.
     """
     A, heads, L, _ = q.shape
+    work = torch.promote_types(q.dtype, torch.float32)  # positions need float32 at least
     bias = None
     for coord, table, size in zip(centroids, tables, grid):
-        offsets = q @ table.t().to(q.dtype)  # [A, h, L, 2S - 1]
-        low, high, w_low, w_high = lattice_interpolation(coord, size)
+        offsets = (q @ table.t().to(q.dtype)).to(work)  # [A, h, L, 2S - 1]
+        coord = coord.to(work)
+        low, high, _, w_high = lattice_interpolation(coord, size)
         lines = torch.arange(size, device=q.device)
-        terms = None  # [A, h, L, S]: query i's term towards lattice line s
-        for line, weight in ((low, w_low), (high, w_high)):
-            index = (line[..., None] - lines + size - 1)[:, None].expand(A, heads, L, size)
-            part = offsets.gather(-1, index) * weight[:, None, :, None].to(q.dtype)
-            terms = part if terms is None else terms + part
-        for line, weight in ((low, w_low), (high, w_high)):
-            part = terms.gather(-1, line[:, None, None, :].expand(A, heads, L, L))
-            part = part * weight[:, None, None, :].to(q.dtype)
-            bias = part if bias is None else bias.add_(part)
+        index = [(line[..., None] - lines + size - 1)[:, None].expand(A, heads, L, size)
+                 for line in (low, high)]
+        terms = offsets.gather(-1, index[0]).lerp_(offsets.gather(-1, index[1]),
+                                                   w_high[:, None, :, None])
+        if size == 1:
+            part = terms.expand(A, heads, L, L)
+        else:  # terms sampled at each key's position: [A * h, L (queries), 1, L (keys)]
+            x = coord * (2 / (size - 1)) - 1
+            where = torch.stack([x, torch.zeros_like(x)], -1)[:, None, None]
+            where = where.expand(A, heads, 1, L, 2).reshape(A * heads, 1, L, 2)
+            part = F.grid_sample(terms.reshape(A * heads, L, 1, size), where, mode="bilinear",
+                                 align_corners=True).view(A, heads, L, L)
+        bias = part if bias is None else bias + part
     return bias
 
 
@@ -233,7 +241,8 @@ def cluster_attention(
     if attn.use_rel_pos and rel_pos == "centroid":
         tables = (resized_rel_pos_table(attn.rel_pos_h, grid[0]),
                   resized_rel_pos_table(attn.rel_pos_w, grid[1]))
-        mask = centroid_rel_pos_bias(q, tuple(placed(c, 0.0) for c in positions), tables, grid).add_(mask)
+        rel = centroid_rel_pos_bias(q, tuple(placed(c, 0.0) for c in positions), tables, grid)
+        mask = rel.add_(mask).to(q.dtype)
     elif attn.use_rel_pos:
         row_weights, col_weights = (placed(w, 0.0) for w in positions)
         table_h = resized_rel_pos_table(attn.rel_pos_h, row_weights.shape[-1])
@@ -301,7 +310,22 @@ class ATCBlock(Block):
         self._atc_state["partition"] = part
         return part
 
+    def _keeps_everything(self) -> bool:
+        """Dense mode with nothing to merge (keep rate 1, or label reuse after such a block): the
+        block is the stock block (the merged-token path would give the same output, slower)."""
+        s = self._atc
+        if s.mode != "dense" or s.record_source:
+            return False
+        if s.clusters:
+            everything = s.threshold is None and s.keep_rate >= 1
+            if everything:
+                self._atc_state["partition"] = None
+            return everything
+        return self._atc_state.get("partition", ()) is None
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._keeps_everything():
+            return Block.forward(self, x)
         s = self._atc
         B, H, W, C = x.shape
         windowed = self.window_size > 0
