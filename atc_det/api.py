@@ -60,7 +60,8 @@ def apply_atc(
         mode: "dense" (updates scattered back to the members; default for Detectron2) or
             "merge" (tokens stay merged; default for timm).
         threshold: dynamic ATC stopping instead of the keep rate.
-        options: framework options (Detectron2: ``scope``, ``rel_pos``) and clustering-method
+        options: ``cluster_blocks`` (label reuse, dense mode), framework options (Detectron2:
+            ``scope``, ``rel_pos``) and clustering-method
             options (e.g. ``k_neighbors``, ``generator``).
     Returns ``model``; :func:`remove_atc` undoes it.
     """

@@ -131,6 +131,25 @@ def check_reduction(
     return [given[i] for i in order], [float(rates[i]) for i in order]
 
 
+def check_cluster_blocks(block_ids: list[int], rates: list[float], cluster_blocks, mode: str
+                         ) -> list[float | None]:
+    """Label reuse: the keep rate of each reduction block, None for the blocks that reuse the
+    partition of the last clustering block before them (``cluster_blocks``: the reduction blocks
+    that cluster, the first included; dense mode only, merge mode reuses anyway)."""
+    if cluster_blocks is None:
+        return rates
+    chosen = list(cluster_blocks) if isinstance(cluster_blocks, (list, tuple, range)) else None
+    if chosen is None or not chosen or len(set(chosen)) != len(chosen) or \
+            any(isinstance(b, bool) or b not in block_ids for b in chosen) or block_ids[0] not in chosen:
+        raise ValueError(f"cluster_blocks (MODEL.ATC.CLUSTER_BLOCKS) must be distinct indexes of the "
+                         f"reduction blocks {block_ids} (MODEL.ATC.BLOCKS), including the first "
+                         f"({block_ids[0]}), got {cluster_blocks!r}")
+    if mode != "dense":
+        raise ValueError("cluster_blocks (MODEL.ATC.CLUSTER_BLOCKS) needs mode 'dense' (merge mode "
+                         "reuses the partition anyway)")
+    return [rate if index in chosen else None for index, rate in zip(block_ids, rates)]
+
+
 def kept_tokens(keep_rate: float, num_tokens: int) -> int:
     """Clusters a reduction keeps of ``num_tokens`` real tokens: ``int(keep_rate * T)``, >= 1."""
     return max(1, math.floor(keep_rate * num_tokens))

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from atc_det.modeling import apply_atc, apply_fast_attention
-from atc_det.modeling.atc_vit import centroid_rel_pos_bias, interpolation_weights, resized_rel_pos_table
+from atc_det.modeling.atc_vit import (
+    centroid_query_terms,
+    interpolation_weights,
+    rel_pos_mask,
+    resized_rel_pos_table,
+)
 from atc_det.registry import _registered, get_method, register_method
 from conftest import small_vit, vit_features
 
@@ -23,7 +28,7 @@ def brute_force_rel_pos(q, rows, cols, table_h, table_w, grid):
 
 
 @pytest.mark.parametrize("grid", [(14, 14), (9, 23)])
-def test_centroid_bias_equals_the_definition_for_fractional_positions(grid):
+def test_centroid_mask_equals_the_definition_for_fractional_positions(grid):
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, 17, 8, generator=generator, dtype=torch.float64)
     rows = torch.rand(2, 17, generator=generator, dtype=torch.float64) * (grid[0] - 1)
@@ -31,8 +36,12 @@ def test_centroid_bias_equals_the_definition_for_fractional_positions(grid):
     rows[0, :3] = torch.tensor([0.0, grid[0] - 1.0, 4.0])  # lattice lines, both ends
     table_h = torch.randn(2 * grid[0] - 1, 8, generator=generator, dtype=torch.float64)
     table_w = torch.randn(2 * grid[1] - 1, 8, generator=generator, dtype=torch.float64)
-    got = centroid_rel_pos_bias(q, (rows, cols), (table_h, table_w), grid)
-    expected = brute_force_rel_pos(q, rows, cols, table_h, table_w, grid)
+    key_bias = torch.randn(2, 17, generator=generator, dtype=torch.float64)
+    terms = torch.cat([centroid_query_terms(q, rows, table_h, grid[0]),
+                       centroid_query_terms(q, cols, table_w, grid[1])], -1)
+    weights = torch.cat([interpolation_weights(rows, grid[0]), interpolation_weights(cols, grid[1])], -1)
+    got = rel_pos_mask(terms, weights, key_bias)
+    expected = brute_force_rel_pos(q, rows, cols, table_h, table_w, grid) + key_bias[:, None, None, :]
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -98,8 +107,8 @@ def test_label_reuse_equals_per_block_merging_with_the_same_labels(methods):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(cluster_blocks=[2]), r"including the first \(1\)"),
     (dict(cluster_blocks=[1, 5]), "indexes of the reduction blocks"),
-    (dict(cluster_blocks=[1], scope="image"), "needs mode 'dense' and scope 'window'"),
-    (dict(cluster_blocks=[1], mode="merge"), "needs mode 'dense' and scope 'window'"),
+    (dict(cluster_blocks=[1], scope="image"), "needs scope 'window'"),
+    (dict(cluster_blocks=[1], mode="merge"), "needs mode 'dense'"),
     (dict(cluster_blocks="1"), "cluster_blocks"),
 ])
 def test_bad_cluster_blocks_is_one_clear_error(kwargs, message):
@@ -136,3 +145,29 @@ def test_reduced_blocks_under_bf16_autocast(methods):
         vit_features(model, images)
     hook.remove()
     assert linear_dtypes == [torch.bfloat16]
+
+
+def test_activation_checkpointing_gives_the_gradients_of_the_plain_model():
+    """Blocks wrapped for activation checkpointing (torch's checkpoint_wrapper; Detectron2's
+    use_act_checkpoint=True uses fairscale's, handled the same way): ATC applies inside the
+    wrapper, and outputs and gradients equal those without checkpointing."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    plain = small_vit(img_size=320, drop_path_rate=0.0)
+    wrapped = copy.deepcopy(plain)
+    for index in range(len(wrapped.blocks)):
+        wrapped.blocks[index] = checkpoint_wrapper(wrapped.blocks[index])
+    images = torch.randn(2, 3, 320, 320)
+    grads = []
+    for model in (plain, wrapped):
+        apply_atc(model, keep_rate=0.5, blocks=[1, 2, 3]).train()
+        out = model(images)["last_feat"]
+        out.square().mean().backward()
+        grads.append((out.detach(), {n.replace("_checkpoint_wrapped_module.", ""): p.grad
+                                     for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=0)
+    assert grads[1][1].keys() == grads[0][1].keys()
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        apply_atc(wrapped, keep_rate=0.5, blocks=[1, 2, 3], cluster_blocks=[1])

@@ -27,6 +27,7 @@ composed with the partition so far). The map stays [B, H, W, C], constant within
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -41,6 +42,7 @@ from atc_det.modeling.sec_attention import SecAttention
 from atc_det.reduction import (
     Partition,
     ReductionSettings,
+    check_cluster_blocks,
     check_reduction,
     cluster_attention_bias,
     cluster_tokens,
@@ -156,53 +158,46 @@ def attention_layout(used: Tensor, counts: Sequence[int]) -> tuple[Tensor, Tenso
     return slot, position, length
 
 
-def lattice_interpolation(coord: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The two lattice lines around fractional positions on 0..size-1 and their weights.
+def lattice_interpolation(coord: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The two lattice lines around fractional positions on 0..size-1 and the upper one's weight.
 
-    coord [...] -> (lower line, upper line) int64 and (lower weight, upper weight), each [...]:
-    the non-zeros of :func:`interpolation_weights` (the upper weight is 0 at integers).
+    coord [...] -> (lower line, upper line) int64 and the upper line's weight, each [...]: the
+    non-zeros of :func:`interpolation_weights` (the upper weight is 0 at integers).
     """
     lower = coord.floor().clamp(0, size - 1)
-    upper_weight = coord - lower
-    return (lower.long(), (lower + 1).clamp(max=size - 1).long(), 1 - upper_weight, upper_weight)
+    return lower.long(), (lower + 1).clamp(max=size - 1).long(), coord - lower
 
 
-def centroid_rel_pos_bias(q: Tensor, centroids: tuple[Tensor, Tensor], tables: tuple[Tensor, Tensor],
-                          grid: tuple[int, int]) -> Tensor:
-    """Decomposed relative-position logits of tokens at fractional (centroid) positions, as an
-    additive attention mask, at the q.k cost of stock ViTDet (no widened dot products).
-
-    q [A, h, L, D] (unscaled queries); centroids (rows [A, L], cols [A, L]); tables [2S - 1, D]
-    per axis (offset o at row o + S - 1); grid (Sh, Sw) -> [A, h, L, L] (float32 or q's dtype if
-    wider). Per axis and
-    position, linear interpolation between its two lattice lines: entry (i, j) is
-    sum_ab wi[a] wj[b] q_i . R(a - b). Query i's dot products with the 2S - 1 offsets, taken at its
-    own two lines, give its term towards every lattice line ([A, h, L, S]); that term is then
-    interpolated at each key's position (``grid_sample``: two reads per entry). One-hot positions
-    give exactly Detectron2's term.
-    """
+def centroid_query_terms(q: Tensor, coord: Tensor, table: Tensor, size: int) -> Tensor:
+    """Per-query relative-position logits towards every line of one lattice axis, for queries at
+    fractional (centroid) positions: q [A, h, L, D] (unscaled), coord [A, L], table [2S - 1, D]
+    -> [A, h, L, S], entry s = sum_a wi[a] q_i . R(a - s) over the query's two interpolation lines
+    (its dot products with the 2S - 1 offsets, as stock computes them, gathered and lerped)."""
     A, heads, L, _ = q.shape
-    work = torch.promote_types(q.dtype, torch.float32)  # positions need float32 at least
-    bias = None
-    for coord, table, size in zip(centroids, tables, grid):
-        offsets = (q @ table.t().to(q.dtype)).to(work)  # [A, h, L, 2S - 1]
-        coord = coord.to(work)
-        low, high, _, w_high = lattice_interpolation(coord, size)
-        lines = torch.arange(size, device=q.device)
-        index = [(line[..., None] - lines + size - 1)[:, None].expand(A, heads, L, size)
-                 for line in (low, high)]
-        terms = offsets.gather(-1, index[0]).lerp_(offsets.gather(-1, index[1]),
-                                                   w_high[:, None, :, None])
-        if size == 1:
-            part = terms.expand(A, heads, L, L)
-        else:  # terms sampled at each key's position: [A * h, L (queries), 1, L (keys)]
-            x = coord * (2 / (size - 1)) - 1
-            where = torch.stack([x, torch.zeros_like(x)], -1)[:, None, None]
-            where = where.expand(A, heads, 1, L, 2).reshape(A * heads, 1, L, 2)
-            part = F.grid_sample(terms.reshape(A * heads, L, 1, size), where, mode="bilinear",
-                                 align_corners=True).view(A, heads, L, L)
-        bias = part if bias is None else bias + part
-    return bias
+    offsets = q @ table.t().to(q.dtype)  # [A, h, L, 2S - 1]
+    low, high, w_high = lattice_interpolation(coord, size)
+    lines = torch.arange(size, device=q.device)
+    index = [(line[..., None] - lines + size - 1)[:, None].expand(A, heads, L, size) for line in (low, high)]
+    return offsets.gather(-1, index[0]).lerp_(offsets.gather(-1, index[1]),
+                                              w_high[:, None, :, None].to(offsets.dtype))
+
+
+def rel_pos_mask(query_terms: Tensor, key_weights: Tensor, key_bias: Tensor) -> Tensor:
+    """The additive attention mask of decomposed relative positions and per-key biases.
+
+    query_terms [A, h, L, S'] (each query's term towards each lattice line of both axes),
+    key_weights [A, L, S'] (each key's position as weights over those lines: 2 non-zeros per axis
+    for a centroid, the member histogram for "mean"), key_bias [A, L] -> [A, h, L, L] (float32,
+    or float64 for float64 inputs): mask(i, j) = terms_i . weights_j + key_bias_j, one matmul of
+    inner size S' + 1 (29 in windowed blocks, 129 in global blocks at 1024x1024), not autocast.
+    The logits' q.k stays stock's (head dim 64) in SDPA's fused kernel.
+    """
+    dtype = torch.promote_types(query_terms.dtype, torch.float32)
+    ones = query_terms.new_ones(*query_terms.shape[:-1], 1)
+    with torch.autocast(query_terms.device.type, enabled=False):
+        terms = torch.cat([query_terms, ones], -1).to(dtype)
+        weights = torch.cat([key_weights.to(dtype), key_bias[..., None].to(dtype)], -1)
+        return terms @ weights[:, None].mT
 
 
 def cluster_attention(
@@ -221,11 +216,10 @@ def cluster_attention(
     ``layout`` = (position [T] in the flat attention layout, rows A, length L): tokens attend to
     the tokens of their row; empty places are masked. Relative positions, per axis:
     logit(i, j) += sum_ab wi[a] wj[b] q_i . R(a - b), exactly Detectron2's term for one-hot
-    (single-token) positions. ``rel_pos="centroid"``: ``positions`` = (row, col) centroids [T]
-    on a lattice of size ``grid``, given to SDPA as its additive mask
-    (:func:`centroid_rel_pos_bias`); ``"mean"``: ``positions`` = (row weights [T, Sh], col
-    weights [T, Sw]) member histograms, added as a bilinear form (q and k widened by the
-    per-line terms). Returns [T, C].
+    (single-token) positions, given to SDPA as its mask (:func:`rel_pos_mask`) on a lattice of
+    size ``grid``. ``rel_pos="centroid"``: ``positions`` = (row, col) centroids [T] (linear
+    interpolation); ``"mean"``: ``positions`` = (row weights [T, Sh], col weights [T, Sw]) member
+    histograms. Returns [T, C].
     """
     position, num_rows, length = layout
     C, heads = tokens.shape[-1], attn.num_heads
@@ -236,24 +230,21 @@ def cluster_attention(
 
     qkv = placed(attn.qkv(tokens), 0.0).reshape(num_rows, length, 3, heads, -1)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [A, heads, L, D]
-    mask = placed(key_bias, float("-inf"))[:, None, None, :].to(q.dtype)  # [A, 1, 1, L]
-    scale = attn.scale
-    if attn.use_rel_pos and rel_pos == "centroid":
+    key_bias = placed(key_bias, float("-inf"))  # [A, L]
+    if not attn.use_rel_pos:
+        mask = key_bias[:, None, None, :].to(q.dtype)
+    else:
         tables = (resized_rel_pos_table(attn.rel_pos_h, grid[0]),
                   resized_rel_pos_table(attn.rel_pos_w, grid[1]))
-        rel = centroid_rel_pos_bias(q, tuple(placed(c, 0.0) for c in positions), tables, grid)
-        mask = rel.add_(mask).to(q.dtype)
-    elif attn.use_rel_pos:
-        row_weights, col_weights = (placed(w, 0.0) for w in positions)
-        table_h = resized_rel_pos_table(attn.rel_pos_h, row_weights.shape[-1])
-        table_w = resized_rel_pos_table(attn.rel_pos_w, col_weights.shape[-1])
-        # Bilinear form: [q*s, Qh, Qw] . [k, Wh, Ww] adds both rel-pos terms in one matmul.
-        q = torch.cat([q * scale, query_rel_pos_terms(q, row_weights, table_h).to(q.dtype),
-                       query_rel_pos_terms(q, col_weights, table_w).to(q.dtype)], dim=-1)
-        key_weights = torch.cat([row_weights, col_weights], dim=-1)[:, None].to(k.dtype)
-        k = torch.cat([k, key_weights.expand(-1, heads, -1, -1)], dim=-1)
-        scale = 1.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        if rel_pos == "centroid":
+            coords = [placed(c, 0.0) for c in positions]
+            terms = [centroid_query_terms(q, c, t, n) for c, t, n in zip(coords, tables, grid)]
+            weights = [interpolation_weights(c, n) for c, n in zip(coords, grid)]
+        else:
+            weights = [placed(w, 0.0) for w in positions]
+            terms = [query_rel_pos_terms(q, w, t).to(q.dtype) for w, t in zip(weights, tables)]
+        mask = rel_pos_mask(torch.cat(terms, -1), torch.cat(weights, -1), key_bias).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
     out = out.transpose(1, 2).reshape(num_rows * length, C)
     return attn.proj(out[position])
 
@@ -415,19 +406,11 @@ def check_atc_arguments(depth: int, keep_rate, linkage, blocks, cluster_blocks=N
     if options.get("mode") == "merge" and options.get("scope") != "window":
         raise ValueError("mode 'merge' (MODEL.ATC.MODE) needs scope 'window' (MODEL.ATC.SCOPE): "
                          "windowed blocks after a reduction attend within the windows' clusters")
-    if cluster_blocks is None:
-        return block_ids, rates
-    chosen = list(cluster_blocks) if isinstance(cluster_blocks, (list, tuple, range)) else None
-    if chosen is None or not chosen or len(set(chosen)) != len(chosen) or \
-            any(isinstance(b, bool) or b not in block_ids for b in chosen) or block_ids[0] not in chosen:
-        raise ValueError(f"cluster_blocks (MODEL.ATC.CLUSTER_BLOCKS) must be distinct indexes of the "
-                         f"reduction blocks {block_ids} (MODEL.ATC.BLOCKS), including the first "
-                         f"({block_ids[0]}), got {cluster_blocks!r}")
-    if options.get("mode") != "dense" or options.get("scope") != "window":
-        raise ValueError("cluster_blocks (MODEL.ATC.CLUSTER_BLOCKS) needs mode 'dense' and scope "
-                         "'window': the partition of the 14x14 windows is reused by later blocks "
-                         "(merge mode reuses it anyway)")
-    return block_ids, [rate if index in chosen else None for index, rate in zip(block_ids, rates)]
+    if cluster_blocks is not None and options.get("scope") != "window":
+        raise ValueError("cluster_blocks (MODEL.ATC.CLUSTER_BLOCKS) needs scope 'window' "
+                         "(MODEL.ATC.SCOPE): the partition of the 14x14 windows is reused by "
+                         "windowed and global blocks alike")
+    return block_ids, check_cluster_blocks(block_ids, rates, cluster_blocks, options.get("mode"))
 
 
 def apply_atc(
@@ -477,24 +460,36 @@ def apply_atc(
         len(vit.blocks), keep_rate, linkage, blocks, method=method, metric=metric, mode=mode,
         prop_attn=prop_attn, scope=scope, threshold=threshold, rel_pos=rel_pos,
         cluster_blocks=cluster_blocks)
-    for index, block in enumerate(vit.blocks):
-        if not isinstance(block, Block):
-            raise TypeError(
-                f"vit.blocks[{index}] is a {type(block).__name__}, not a Detectron2 ViT Block "
-                "(activation checkpointing wrappers are not supported)")
+    checkpointed = False
+    for index, module in enumerate(vit.blocks):
+        block, how = unwrapped_block(module)
+        if block is None:
+            raise TypeError(f"vit.blocks[{index}] is a {type(module).__name__}, not a Detectron2 ViT "
+                            "Block (or one wrapped for activation checkpointing)")
+        checkpointed = checkpointed or how is not None
         if isinstance(block.attn, SecAttention):
             raise ValueError(f"vit.blocks[{index}] uses SEC attention (apply_sec): ATC and SEC "
                              "cannot be combined in one ViT; remove_sec(vit) first")
+    if checkpointed and (mode != "dense" or cluster_blocks is not None):
+        raise ValueError("activation checkpointing (use_act_checkpoint) works with mode 'dense' "
+                         "without cluster_blocks: merge mode and label reuse carry the partition "
+                         "from block to block, which a recomputed block would not see")
     remove_atc(vit)
-    window_sizes = [b.window_size for b in vit.blocks if b.window_size > 0]
+    window_sizes = [unwrapped_block(b)[0].window_size for b in vit.blocks
+                    if unwrapped_block(b)[0].window_size > 0]
     if mode == "merge":  # every block from the first reduction on runs on the clusters
         keep = dict(zip(block_ids, rates))
         block_ids = list(range(block_ids[0], len(vit.blocks)))
         rates = [keep.get(index) for index in block_ids]
     state: dict = {}
     for index, rate in zip(block_ids, rates):
-        block = vit.blocks[index]
+        block, how = unwrapped_block(vit.blocks[index])
         block.__class__ = ATCBlock
+        if how == "fairscale":  # its checkpointed forward calls the class's forward it was given
+            wrapped = block.__dict__["forward"]
+            block._atc_saved_forward = wrapped
+            block.forward = functools.partial(wrapped.func, ATCBlock.forward, *wrapped.args[1:],
+                                              **wrapped.keywords)
         block._atc = ReductionSettings(
             keep_rate=rate,
             method=method,
@@ -516,12 +511,32 @@ def apply_atc(
 
 def remove_atc(vit: ViT) -> ViT:
     """Undo :func:`apply_atc` in place (a ViT without ATC blocks is returned unchanged)."""
-    for block in vit.blocks:
+    for module in vit.blocks:
+        block = unwrapped_block(module)[0]
         if isinstance(block, ATCBlock):
             block.__class__ = Block
+            if "_atc_saved_forward" in block.__dict__:
+                block.forward = block.__dict__.pop("_atc_saved_forward")
             for name in ("_atc", "_atc_source_map", "_atc_state", "_atc_first"):
                 block.__dict__.pop(name, None)
     return vit
+
+
+def unwrapped_block(module: torch.nn.Module) -> tuple[Block | None, str | None]:
+    """The Detectron2 ``Block`` in ``vit.blocks[i]`` and how it is checkpointed: None, "torch"
+    (``torch.distributed.algorithms._checkpoint.checkpoint_wrapper``: the block is its
+    ``_checkpoint_wrapped_module``) or "fairscale" (fairscale's ``checkpoint_wrapper``, which
+    Detectron2's ViT applies with ``use_act_checkpoint=True``: the block's ``forward`` is
+    replaced by a checkpointed call of its class's forward). (None, None) if it holds none."""
+    inner = getattr(module, "_checkpoint_wrapped_module", None)
+    if isinstance(inner, Block):
+        return inner, "torch"
+    if not isinstance(module, Block):
+        return None, None
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, functools.partial) and getattr(forward.func, "__name__", "") == "_checkpointed_forward":
+        return module, "fairscale"
+    return module, None
 
 
 def atc_arguments_from_cfg(cfg) -> dict:
@@ -555,7 +570,8 @@ def collect_source_maps(vit: ViT, images: Tensor) -> dict[int, Tensor]:
     ``images`` [B, 3, H, W] is the normalised input of ``vit``. Ids are unique within an image
     (window index * K + label in window scope).
     """
-    reduced = {i: b for i, b in enumerate(vit.blocks) if isinstance(b, ATCBlock)}
+    blocks = [unwrapped_block(b)[0] for b in vit.blocks]
+    reduced = {i: b for i, b in enumerate(blocks) if isinstance(b, ATCBlock)}
     for block in reduced.values():
         block._atc.record_source = True
     try:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from atc_det.merge import compose_source, merge_tokens, unmerge_tokens
 from atc_det.reduction import (
     ReductionSettings,
+    check_cluster_blocks,
     check_reduction,
     cluster_attention_bias,
     cluster_tokens,
@@ -98,17 +99,19 @@ class _ATCBlock:
     def _dense_forward(self, x: Tensor) -> Tensor:
         """Cluster x [B, P + N, C], run the block on the clusters, add each cluster's update to
         its members."""
-        s, num_prefix = self._atc, self._atc_info["num_prefix_tokens"]
-        normed = self.norm1(x)
-        metric = normed
-        if s.metric == "keys":
-            if isinstance(self.attn.k_norm, nn.Identity):
-                metric = head_mean_keys(normed, self.attn.qkv.weight, self.attn.qkv.bias,
-                                        self.attn.num_heads)
-            else:
-                metric = _qkv(self.attn, normed)[1].mean(1)
-        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        labels, num_clusters = cluster_tokens(metric, valid, s, protected=num_prefix)[:2]
+        s, info = self._atc, self._atc_info
+        if s.clusters:
+            normed = self.norm1(x)
+            metric = normed
+            if s.metric == "keys":
+                if isinstance(self.attn.k_norm, nn.Identity):
+                    metric = head_mean_keys(normed, self.attn.qkv.weight, self.attn.qkv.bias,
+                                            self.attn.num_heads)
+                else:
+                    metric = _qkv(self.attn, normed)[1].mean(1)
+            valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            info["partition"] = cluster_tokens(metric, valid, s, protected=info["num_prefix_tokens"])[:2]
+        labels, num_clusters = info["partition"]  # label reuse: the last clustering block's
         merged, size = merge_tokens(x, labels, num_clusters)
         attn_out, _ = self.attn(self.norm1(merged), key_bias=cluster_attention_bias(size, s.prop_attn))
         update = self.drop_path1(self.ls1(attn_out))
@@ -175,6 +178,7 @@ def apply_atc_timm(
     prop_attn: bool = True,
     mode: str = "merge",
     threshold: float | None = None,
+    cluster_blocks: Sequence[int] | None = None,
     **method_options,
 ) -> nn.Module:
     """Patch a timm ``VisionTransformer`` in place (again: new settings) and return it.
@@ -184,6 +188,8 @@ def apply_atc_timm(
             one per block (the ATC paper's keep rate: ``int(keep_rate * T)`` clusters).
         blocks: indices of the reduction blocks (default: :func:`default_blocks`, 3, 6, 9 of 12).
         mode: "merge" (default: tokens stay merged) or "dense" (updates scattered back).
+        cluster_blocks: label reuse (dense mode): the reduction blocks that cluster; the others
+            reuse the partition of the last clustering block before them.
         method_options: passed to the clustering method (e.g. ``generator`` for "random").
     """
     _check_model(model)
@@ -193,6 +199,7 @@ def apply_atc_timm(
     block_ids, rates = check_reduction(
         len(model.blocks), keep_rate, linkage, blocks, default_blocks(len(model.blocks)), method=method,
         metric=metric, mode=mode, prop_attn=prop_attn, threshold=threshold, scope="image")
+    rates = check_cluster_blocks(block_ids, rates, cluster_blocks, mode)
     remove_atc_timm(model)
     options = {"linkage": linkage, **method_options} if method == "atc" else method_options
     rate_of = dict(zip(block_ids, rates))
@@ -208,8 +215,8 @@ def apply_atc_timm(
         block._atc_info = model._atc_info
         block._atc = None if index not in rate_of else ReductionSettings(
             keep_rate=rate_of[index], method=method, linkage=linkage, metric=metric,
-            prop_attn=prop_attn, mode=mode, scope="image", threshold=threshold,
-            method_options=options)
+            prop_attn=prop_attn, mode=mode, scope="image",
+            threshold=threshold if rate_of[index] is not None else None, method_options=options)
     return model
 
 
