@@ -189,7 +189,7 @@ def main() -> None:
     print(f"ViTDet-B backbone, {args.size}x{args.size}, batch 1, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.runs} interleaved rounds; ATC: method "
           f"{args.method}, linkage {args.linkage}, metric {args.metric}, blocks {args.blocks}\n")
-    print("| model | GFLOPs (fvcore) | time (s) | speedup vs stock + SDPA | vs stock | clustering (s) "
+    print("| model | GFLOPs (fvcore) | time (s) | speedup vs stock + SDPA | vs stock | clustering (ms) "
           "| clustering share |")
     print("|---|---|---|---|---|---|---|")
     reference, base = (statistics.median(times[n]) for n in ("stock + SDPA", "stock (Detectron2)"))
@@ -198,7 +198,7 @@ def main() -> None:
         clustered = name.startswith("ATC")
         print(f"| {name} | {gflops(model, image, results[name]):.1f} | {seconds:.2f} | "
               f"{reference / seconds:.2f}x | {base / seconds:.2f}x | "
-              f"{f'{cluster:.2f}' if clustered else '-'} | {f'{cluster / seconds:.1%}' if clustered else '-'} |",
+              f"{f'{cluster * 1e3:.0f}' if clustered else '-'} | {f'{cluster / seconds:.1%}' if clustered else '-'} |",
               flush=True)
 
 
