@@ -28,6 +28,7 @@ composed with the partition so far). The map stays [B, H, W, C], constant within
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Sequence
 
 import torch
@@ -151,9 +152,10 @@ def attention_layout(used: Tensor, counts: Sequence[int]) -> tuple[Tensor, Tenso
     layout (slots of one row packed to the front), and L. No synchronisation with the device.
     """
     total, length, device = sum(counts), max(counts), used.device
-    slot = torch.argsort((~used.flatten()).to(torch.uint8), stable=True)[:total].sort().values
+    # Stable: the used slots come first, already in ascending order.
+    slot = torch.argsort((~used.flatten()).to(torch.uint8), stable=True)[:total]
     row = slot // (used.numel() // len(counts))
-    start = torch.tensor([sum(counts[:r]) for r in range(len(counts))]).to(device, non_blocking=True)
+    start = torch.tensor([0, *itertools.accumulate(counts[:-1])]).to(device, non_blocking=True)
     position = row * length + torch.arange(total, device=device) - start[row]
     return slot, position, length
 
