@@ -69,9 +69,15 @@ class Checkpointer(DetectionCheckpointer):
     (missing, unexpected or with another shape) raises, unless loaded with matching heuristics.
     """
 
-    def __init__(self, *args, strict: bool = True, **kwargs):
+    YACS_HINT = ("Check that MODEL.* (e.g. MODEL.VIT size, ROI_HEADS.NUM_CLASSES) matches the "
+                 "checkpoint, or set MODEL.WEIGHTS_STRICT False to load what matches.")
+    LAZY_HINT = ("Check that the config's model (e.g. model.backbone.net size, "
+                 "model.roi_heads.num_classes) matches the checkpoint, or append "
+                 "'?matching_heuristics=True' to train.init_checkpoint to load what matches.")
+
+    def __init__(self, *args, strict: bool = True, hint: str = YACS_HINT, **kwargs):
         super().__init__(*args, **kwargs)
-        self.strict = strict
+        self.strict, self.hint = strict, hint
 
     def save(self, name: str, **kwargs: Any) -> None:
         """fvcore's ``save`` (checkpoint, then ``last_checkpoint`` tag), each file written
@@ -97,10 +103,8 @@ class Checkpointer(DetectionCheckpointer):
                 problems.append(f"shape mismatch: {shapes[:10]}")
             if problems:
                 raise ValueError(
-                    "checkpoint keys don't match the model (" + "; ".join(problems) + "). Check "
-                    "that MODEL.* (e.g. MODEL.VIT size, ROI_HEADS.NUM_CLASSES) matches the "
-                    "checkpoint, or set MODEL.WEIGHTS_STRICT False to load what matches."
-                )
+                    "checkpoint keys don't match the model (" + "; ".join(problems) + "). "
+                    + self.hint)
         return incompatible
 
 
@@ -222,13 +226,13 @@ def load_config(config_file: str, opts: List[str] | None = None) -> CfgNode:
     return cfg
 
 
-def check_weights(weights: str) -> None:
-    """Raise FileNotFoundError if ``weights`` (``MODEL.WEIGHTS``) names a local file that does not
-    exist; URLs and other path-manager prefixes (``detectron2://``) are not checked offline."""
+def check_weights(weights: str, key: str = "MODEL.WEIGHTS") -> None:
+    """Raise FileNotFoundError if ``weights`` (the config's ``key``) names a local file that does
+    not exist; URLs and other path-manager prefixes (``detectron2://``) are not checked offline."""
     path = weights.partition("?")[0]  # Detectron2 drops a query such as ?matching_heuristics=True
     if path and "://" not in path and not PathManager.isfile(path):
         raise FileNotFoundError(
-            f"MODEL.WEIGHTS {path!r} is not a file: give a checkpoint (.pth, or a Detectron2 .pkl), "
+            f"{key} {path!r} is not a file: give a checkpoint (.pth, or a Detectron2 .pkl), "
             "a URL, or an empty string for random weights"
         )
 

@@ -1,8 +1,12 @@
 #!/usr/bin/env python
-"""Train or evaluate ViTDet Mask R-CNN (optionally with ATC / SEC) with Detectron2's trainer.
+"""Train or evaluate ViTDet (Cascade) Mask R-CNN, optionally with ATC / SEC, with Detectron2's
+trainer, from a LazyConfig (``.py``, as Detectron2's ``tools/lazyconfig_train_net.py``; overrides
+``key=value``) or a yacs config (``.yaml``; overrides ``KEY VALUE``).
 
+    python tools/train_net.py --config-file configs/COCO/atc_mask_rcnn_vitdet_b_100ep.py --num-gpus 8
+    python tools/train_net.py --config-file configs/COCO/atc_mask_rcnn_vitdet_b_100ep.py --eval-only \
+        train.init_checkpoint=model_final_61ccd1.pkl
     python tools/train_net.py --config configs/toy_vitdet.yaml
-    python tools/train_net.py --config configs/atc_vitdet_b.yaml --num-gpus 8
     python tools/train_net.py --config configs/atc_vitdet_b.yaml --eval-only MODEL.WEIGHTS model.pkl
 
 Bad input (config, data, weights) stops with one ``error: ...`` line and exit status 2: checked
@@ -19,7 +23,10 @@ from torch.multiprocessing import ProcessExitedException
 
 from atc_det.data.datasets import prepare_datasets
 from atc_det.engine import Checkpointer, Trainer, check_weights, exit_on_bad_input, load_config, setup
+from atc_det.lazy_trainer import check_lazy_inputs, lazy_main, load_lazy_config
 from atc_det.modeling import check_config
+
+YACS_SUFFIXES = (".yaml", ".yml")
 
 
 def print_results(results) -> None:
@@ -32,7 +39,27 @@ def print_results(results) -> None:
                 print(f"{dataset} {task} AP: {ap:.2f}  AP50: {ap50:.2f}".strip())
 
 
+def is_lazy_config(config_file: str) -> bool:
+    """True for a LazyConfig (.py), False for a yacs file (.yaml / .yml); a ValueError else."""
+    if config_file.endswith(".py"):
+        return True
+    if config_file.endswith(YACS_SUFFIXES):
+        return False
+    raise ValueError(f"config file {config_file!r} is neither a LazyConfig (.py) nor a yacs "
+                     "config (.yaml): give one of those")
+
+
 def main(args):
+    if is_lazy_config(args.config_file):
+        results = lazy_main(args)
+    else:
+        results = yacs_main(args)
+    if comm.is_main_process() and results:
+        print_results(results)
+    return results
+
+
+def yacs_main(args):
     cfg = setup(args)
     with exit_on_bad_input():  # e.g. a checkpoint whose keys don't match the model
         if args.eval_only:
@@ -49,13 +76,14 @@ def main(args):
         trainer.train()
         # DefaultTrainer.train() returns results only with TEST.EXPECTED_RESULTS set.
         results = getattr(trainer, "_last_eval_results", None)
-    if comm.is_main_process() and results:
-        print_results(results)
     return results
 
 
 def check_inputs(args) -> None:
     """The config, the data and the weights, once in the launching process (one clear error)."""
+    if is_lazy_config(args.config_file):
+        check_lazy_inputs(load_lazy_config(args.config_file, args.opts), args.eval_only, args.resume)
+        return
     cfg = load_config(args.config_file, args.opts)
     check_config(cfg)
     # --resume loads OUTPUT_DIR's last checkpoint instead of MODEL.WEIGHTS when there is one.
