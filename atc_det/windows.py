@@ -1,0 +1,86 @@
+"""Clustering groups of a patch grid: square windows (ViTDet's 14x14 attention windows) or the
+whole image. Pure tensor functions, no Detectron2 or timm: both adapters (Detectron2's ViTDet in
+:mod:`atc_det.modeling.atc_vit`, timm's ``VisionTransformer`` in :mod:`atc_det.patch.timm`)
+split a [B, H, W, C] map into the same groups with these.
+
+Window order and padding are Detectron2's (``window_partition``: the map is zero padded at the
+bottom and right to a multiple of the window size, windows in row-major order).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def coordinate_grid(height: int, width: int, like: Tensor) -> Tensor:
+    """(row, col) of every position of a height x width grid: [height, width, 2]."""
+    rows = torch.arange(height, device=like.device, dtype=like.dtype)
+    cols = torch.arange(width, device=like.device, dtype=like.dtype)
+    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
+
+
+def split_windows(x: Tensor, window_size: int) -> tuple[Tensor, tuple[int, int]]:
+    """[B, H, W, C] -> windows [B * nW, window_size, window_size, C] (zero padded at the bottom
+    and right, row-major window order) and the padded size (Hp, Wp)."""
+    batch, height, width, channels = x.shape
+    padded = [-(-n // window_size) * window_size for n in (height, width)]
+    x = F.pad(x, (0, 0, 0, padded[1] - width, 0, padded[0] - height))
+    rows, cols = padded[0] // window_size, padded[1] // window_size
+    x = x.reshape(batch, rows, window_size, cols, window_size, channels).transpose(2, 3)
+    return x.reshape(-1, window_size, window_size, channels), (padded[0], padded[1])
+
+
+def merge_windows(windows: Tensor, window_size: int, pad_hw: tuple[int, int],
+                  hw: tuple[int, int]) -> Tensor:
+    """Inverse of :func:`split_windows`: [B * nW, ws, ws, C] -> [B, H, W, C] (padding dropped)."""
+    (padded_h, padded_w), (height, width) = pad_hw, hw
+    rows, cols = padded_h // window_size, padded_w // window_size
+    x = windows.reshape(-1, rows, cols, window_size, window_size, windows.shape[-1]).transpose(2, 3)
+    return x.reshape(-1, padded_h, padded_w, windows.shape[-1])[:, :height, :width]
+
+
+def group_tokens(x: Tensor, window_size: int) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+    """Split a [B, H, W, C] map into windows of ``window_size`` x ``window_size`` tokens.
+
+    Returns tokens [B * nW, S, C] (S = window_size**2, zero padded as in Detectron2), ``valid``
+    [B * nW, S] (False on padding), image coordinates (row, col) [B * nW, S, 2] and the padded
+    size (Hp, Wp). ``window_size`` 0 means one group per image (no padding).
+    """
+    B, H, W, C = x.shape
+    if window_size == 0:
+        valid = torch.ones(B, H * W, dtype=torch.bool, device=x.device)
+        coords = coordinate_grid(H, W, x).reshape(1, H * W, 2).expand(B, -1, -1)
+        return x.reshape(B, H * W, C), valid, coords, (H, W)
+    S = window_size * window_size
+    tokens, (Hp, Wp) = split_windows(x, window_size)
+    # Padded positions continue the grid (windowed rel-pos sees them, as in Detectron2).
+    grid = torch.cat([coordinate_grid(Hp, Wp, x), x.new_zeros(Hp, Wp, 1)], -1)
+    grid[:H, :W, 2] = 1
+    grid, _ = split_windows(grid[None], window_size)
+    num_windows = grid.shape[0]
+    grid = grid.reshape(1, num_windows, S, 3).expand(B, -1, -1, -1).reshape(B * num_windows, S, 3)
+    return tokens.reshape(-1, S, C), grid[..., 2] > 0, grid[..., :2], (Hp, Wp)
+
+
+def ungroup_tokens(
+    tokens: Tensor, window_size: int, pad_hw: tuple[int, int], hw: tuple[int, int]
+) -> Tensor:
+    """Inverse of :func:`group_tokens`: [B * nW, S, C] -> [B, H, W, C] (padding dropped)."""
+    H, W = hw
+    C = tokens.shape[-1]
+    if window_size == 0:
+        return tokens.reshape(-1, H, W, C)
+    windows = tokens.reshape(-1, window_size, window_size, C)
+    return merge_windows(windows, window_size, pad_hw, hw)
+
+
+def window_real_counts(height: int, width: int, window_size: int) -> list[int]:
+    """Real (unpadded) tokens of each group of :func:`group_tokens` for one image, from the shape
+    alone (host ints, in Detectron2's window order); ``window_size`` 0: one group."""
+    if window_size == 0:
+        return [height * width]
+    rows = [min(window_size, height - r) for r in range(0, height, window_size)]
+    cols = [min(window_size, width - c) for c in range(0, width, window_size)]
+    return [r * c for r in rows for c in cols]
