@@ -31,7 +31,7 @@ from .data.datasets import prepare_datasets
 from .engine import Checkpointer, _create_ddp_model, check_weights, exit_on_bad_input
 from .modeling.lazy import check_atc_nodes
 
-logger = logging.getLogger("atc_det")
+logger = logging.getLogger("detectron2")  # the logger default_setup writes to log.txt
 
 REQUIRED = {"train": ("model", "dataloader", "optimizer", "lr_multiplier", "train"),
             "eval": ("model", "dataloader", "train")}

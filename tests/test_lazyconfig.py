@@ -1,0 +1,324 @@
+"""LazyConfig files (configs/COCO, configs/toy) and the yacs Cascade configs: every config builds;
+LazyConfig and yacs models of one recipe have the same parameters and outputs; official-format
+checkpoints of Detectron2's own models load strictly into the atc_ configs; tools/train_net.py
+trains and evaluates LazyConfig files and stops bad input with one error line."""
+import contextlib
+import glob
+import os
+import re
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+from detectron2.config import LazyCall as L
+from detectron2.config import LazyConfig, instantiate
+from detectron2.modeling import META_ARCH_REGISTRY
+
+from atc_det.engine import Checkpointer, load_config
+from atc_det.lazy_trainer import load_lazy_config
+from atc_det.modeling.atc_vit import ATCBlock
+from conftest import CONFIGS, ROOT, TINY_VIT, lazy_vitdet, write_model_zoo_pkl
+
+TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
+LAZY_CONFIGS = sorted(os.path.relpath(p, CONFIGS) for p in glob.glob(f"{CONFIGS}/*/*.py")
+                      if not p.startswith(os.path.join(CONFIGS, "common")))
+YACS_CONFIGS = sorted(os.path.basename(p) for p in glob.glob(f"{CONFIGS}/*.yaml"))
+# (LazyConfig file, yacs file) of one recipe.
+RECIPES = [(f"COCO/{kind}_vitdet_{size}.py", f"{yacs}_{size[0]}.yaml")
+           for size in ("b_100ep", "l_100ep", "h_75ep")
+           for kind, yacs in (("mask_rcnn", "vitdet"), ("cascade_mask_rcnn", "cascade_vitdet"))]
+
+
+@contextlib.contextmanager
+def no_weight_init():
+    """Build models without drawing initial weights (parameters stay torch.empty): shapes and
+    names only, fast for ViT-L / ViT-H."""
+    keep = lambda tensor, *args, **kwargs: tensor  # noqa: E731
+    with mock.patch.object(torch.nn.Linear, "reset_parameters", lambda self: None), \
+            mock.patch.object(torch.nn.modules.conv._ConvNd, "reset_parameters", lambda self: None), \
+            mock.patch.multiple(torch.nn.init, trunc_normal_=keep, normal_=keep, kaiming_normal_=keep):
+        yield
+
+
+def lazy_model(name: str, overrides=()) -> torch.nn.Module:
+    cfg = load_lazy_config(os.path.join(CONFIGS, name), list(overrides))
+    return instantiate(cfg.model).eval()
+
+
+def yacs_model(name: str, opts=()) -> torch.nn.Module:
+    cfg = load_config(os.path.join(CONFIGS, name), ["MODEL.DEVICE", "cpu", *opts])
+    return META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg).eval()
+
+
+def shapes(model: torch.nn.Module) -> dict:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", LAZY_CONFIGS)
+def test_every_lazy_config_instantiates(name):
+    cfg = load_lazy_config(os.path.join(CONFIGS, name))
+    assert {"model", "dataloader", "optimizer", "lr_multiplier", "train"} <= set(cfg.keys())
+    with no_weight_init():
+        model = instantiate(cfg.model)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    assert 0 < instantiate(cfg.lr_multiplier)(0.5) <= 1
+    reduced = [type(b) is ATCBlock for b in model.backbone.net.blocks]
+    assert reduced == ([False] + [True] * (len(reduced) - 1) if "atc_" in name else [False] * len(reduced))
+
+
+@pytest.mark.parametrize("name", YACS_CONFIGS)
+def test_every_yacs_config_instantiates(name):
+    with no_weight_init():
+        model = yacs_model(name)
+    assert set(model.backbone.output_shape()) >= {"p2", "p3", "p4", "p5"}
+
+
+@pytest.mark.parametrize("lazy, yacs", RECIPES)
+def test_lazy_and_yacs_recipes_build_the_same_parameters(lazy, yacs):
+    """Per recipe, the LazyConfig model, its atc_ variant and the yacs model (and its atc_
+    variant) have the same parameter names and shapes: official checkpoints fit all four."""
+    with no_weight_init():
+        reference = shapes(lazy_model(lazy))
+        for model in (lazy_model(f"COCO/atc_{os.path.basename(lazy)}"), yacs_model(yacs),
+                      yacs_model(f"atc_{yacs}")):
+            assert shapes(model) == reference
+    assert any(k.startswith("roi_heads.box_predictor.2.") for k in reference) == ("cascade" in lazy)
+
+
+def test_recipes_keep_the_official_values():
+    """Values of Detectron2's projects/ViTDet/configs/COCO files, written out here."""
+    b = LazyConfig.load(os.path.join(CONFIGS, "COCO/mask_rcnn_vitdet_b_100ep.py"))
+    assert (b.train.max_iter, b.train.amp.enabled, b.train.ddp.fp16_compression) == (184375, True, True)
+    assert list(b.lr_multiplier.scheduler.milestones) == [163889, 177546]
+    assert b.optimizer.params.lr_factor_func.keywords == {"num_layers": 12, "lr_decay_rate": 0.7}
+    assert (b.optimizer.lr, b.optimizer.weight_decay, b.dataloader.train.total_batch_size) == (1e-4, 0.1, 64)
+    assert [a._target_.__name__ for a in b.dataloader.train.mapper.augmentations] == [
+        "RandomFlip", "ResizeScale", "FixedSizeCrop"]
+    h = LazyConfig.load(os.path.join(CONFIGS, "COCO/cascade_mask_rcnn_vitdet_h_75ep.py"))
+    net = h.model.backbone.net
+    assert (net.embed_dim, net.depth, net.num_heads, net.drop_path_rate) == (1280, 32, 16, 0.5)
+    assert sorted(set(range(32)) - set(net.window_block_indexes)) == [7, 15, 23, 31]
+    assert (h.train.max_iter, list(h.lr_multiplier.scheduler.milestones)) == (138281, [122916, 133159])
+    assert h.optimizer.params.lr_factor_func.keywords == {"num_layers": 32, "lr_decay_rate": 0.9}
+    assert [m.thresholds for m in h.model.roi_heads.proposal_matchers] == [[0.5], [0.6], [0.7]]
+    l_net = LazyConfig.load(os.path.join(CONFIGS, "COCO/atc_mask_rcnn_vitdet_l_100ep.py")).model.backbone.net
+    assert sorted(set(range(24)) - set(l_net.window_block_indexes)) == [5, 11, 17, 23]
+    assert (l_net.atc.keep_rate, l_net.atc.linkage, l_net.atc.mode) == (0.5, "average", "dense")
+    ft = LazyConfig.load(os.path.join(CONFIGS, "COCO/atc_finetune_cascade_mask_rcnn_vitdet_b.py"))
+    assert ft.train.init_checkpoint.endswith("cascade_mask_rcnn_vitdet_b/f325358525/model_final_435fa9.pkl")
+    assert (ft.train.max_iter, ft.optimizer.lr) == (184375 // 2, pytest.approx(1e-5))
+
+
+# --- Detectron2's own models, official-format checkpoints -------------------------------------
+
+TINY_LAZY = [f"model.backbone.net.{k}={v}" for k, v in TINY_VIT.items()] + [
+    f"model.backbone.square_pad={TINY_VIT['img_size']}"]
+TINY_YACS = ["MODEL.VIT.IMG_SIZE", "320", "MODEL.VIT.EMBED_DIM", "64", "MODEL.VIT.DEPTH", "3",
+             "MODEL.VIT.NUM_HEADS", "4", "MODEL.VIT.WINDOW_BLOCK_INDEXES", "[0, 2]",
+             "MODEL.SFP.SQUARE_PAD", "320", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+
+
+def detectron2_cascade(num_classes: int = 80, **vit_overrides) -> torch.nn.Module:
+    """Detectron2's Cascade Mask R-CNN ViTDet as its official cascade_mask_rcnn_vitdet_b_100ep.py
+    builds it: model_zoo's common/models/mask_rcnn_vitdet.py with CascadeROIHeads (three
+    class-agnostic 4conv1fc stages), written out here from Detectron2's classes."""
+    from detectron2 import model_zoo
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.box_regression import Box2BoxTransform
+    from detectron2.modeling.matcher import Matcher
+    from detectron2.modeling.roi_heads import CascadeROIHeads, FastRCNNConvFCHead, FastRCNNOutputLayers
+
+    model = model_zoo.get_config("common/models/mask_rcnn_vitdet.py").model
+    model.backbone.net.update(vit_overrides)
+    if "img_size" in vit_overrides:
+        model.backbone.square_pad = vit_overrides["img_size"]
+    heads = model.roi_heads
+    heads.num_classes = num_classes
+    for key in ("box_head", "box_predictor", "proposal_matcher"):
+        del heads[key]
+    heads._target_ = CascadeROIHeads
+    heads.box_heads = [L(FastRCNNConvFCHead)(input_shape=ShapeSpec(channels=256, height=7, width=7),
+                                             conv_dims=[256, 256, 256, 256], fc_dims=[1024],
+                                             conv_norm="LN") for _ in range(3)]
+    heads.box_predictors = [
+        L(FastRCNNOutputLayers)(input_shape=ShapeSpec(channels=1024), test_score_thresh=0.0,
+                                box2box_transform=L(Box2BoxTransform)(weights=(w1, w1, w2, w2)),
+                                cls_agnostic_bbox_reg=True, num_classes=num_classes)
+        for w1, w2 in ((10, 5), (20, 10), (30, 15))]
+    heads.proposal_matchers = [L(Matcher)(thresholds=[t], labels=[0, 1], allow_low_quality_matches=False)
+                               for t in (0.5, 0.6, 0.7)]
+    return instantiate(model).eval()
+
+
+def randomize_rel_pos(model: torch.nn.Module) -> torch.nn.Module:
+    """Detectron2 zero-initialises the rel-pos tables: draw them so relative positions matter."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "rel_pos" in name:
+                param.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["mask_rcnn", "cascade_mask_rcnn"])
+def test_official_format_checkpoint_loads_strictly_into_atc_config(kind, tmp_path):
+    """A model_final.pkl written from Detectron2's own ViTDet-B model (Mask R-CNN: model_zoo's
+    config; Cascade: its official construction) loads into configs/COCO/atc_<kind>_vitdet_b_100ep.py
+    with no missing, unexpected or mis-shaped key, and every value arrives."""
+    torch.manual_seed(0)
+    theirs = lazy_vitdet() if kind == "mask_rcnn" else detectron2_cascade()
+    path = str(tmp_path / "model_final.pkl")
+    write_model_zoo_pkl(path, theirs.state_dict())
+    with no_weight_init():
+        mine = lazy_model(f"COCO/atc_{kind}_vitdet_b_100ep.py")
+    Checkpointer(mine, strict=True, hint=Checkpointer.LAZY_HINT).load(path)  # raises on mismatch
+    loaded = mine.state_dict()
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(loaded[key], value), key
+    assert type(mine.backbone.net.blocks[1]) is ATCBlock
+
+
+@pytest.mark.parametrize("atc", [False, True])
+def test_cascade_lazy_and_yacs_give_the_same_outputs(atc):
+    """Detectron2's cascade weights in the LazyConfig and the yacs Cascade models (tiny ViT, with
+    or without ATC): the same backbone features and detections."""
+    theirs = randomize_rel_pos(detectron2_cascade(**TINY_VIT))
+    prefix = "atc_" if atc else ""
+    lazy = lazy_model(f"COCO/{prefix}cascade_mask_rcnn_vitdet_b_100ep.py", TINY_LAZY + [
+        f"model.roi_heads.box_predictors.{i}.test_score_thresh=0.0" for i in range(3)])
+    yacs = yacs_model(f"{prefix}cascade_vitdet_b.yaml", TINY_YACS)
+    for model in (lazy, yacs):
+        model.load_state_dict(theirs.state_dict(), strict=True)
+    torch.manual_seed(1)
+    inputs = [{"image": torch.randint(0, 255, (3, 200, 296)).float(), "height": 200, "width": 296}]
+    with torch.no_grad():
+        outputs = [model(inputs)[0]["instances"] for model in (theirs, lazy, yacs)]
+    if not atc:
+        torch.testing.assert_close(outputs[0].pred_boxes.tensor, outputs[1].pred_boxes.tensor)
+    a, b = outputs[1:]
+    assert len(a) > 0 and len(a) == len(b)
+    torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    torch.testing.assert_close(a.scores, b.scores)
+    torch.testing.assert_close(a.pred_masks, b.pred_masks)
+
+
+def test_toy_lazyconfig_is_the_yacs_toy_model():
+    with no_weight_init():
+        assert shapes(lazy_model("toy/mask_rcnn_vitdet_toy.py")) == shapes(yacs_model("toy_vitdet.yaml"))
+
+
+def test_with_atc_refuses_other_nodes():
+    from atc_det.modeling.lazy import with_atc
+
+    cfg = LazyConfig.load(os.path.join(CONFIGS, "toy/mask_rcnn_vitdet_toy.py"))
+    with pytest.raises(TypeError, match="LazyCall node of a detectron2.modeling.ViT"):
+        with_atc(cfg.model.backbone, keep_rate=0.5)
+
+
+# --- tools/train_net.py with LazyConfig files ---------------------------------------------------
+
+# A smaller toy model and data loading for quick runs.
+FAST = ["model.backbone.net.embed_dim=64", "model.backbone.net.num_heads=2",
+        "model.backbone.net.depth=2", "model.backbone.net.window_block_indexes=[0]",
+        "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+        "dataloader.train.total_batch_size=2"]
+
+
+def run(args, env, timeout=600):
+    return subprocess.run([sys.executable, TRAIN_NET, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1", **env))
+
+
+@pytest.fixture(scope="module")
+def small_toy(tmp_path_factory):
+    """A small toy dataset (16 train / 8 val images) under a private DETECTRON2_DATASETS."""
+    from atc_det.data.toy_shapes import generate_toy_shapes
+
+    root = tmp_path_factory.mktemp("d2data")
+    generate_toy_shapes(str(root / "toy_shapes"), splits={"train": 16, "val": 8})
+    return {"DETECTRON2_DATASETS": str(root)}
+
+
+@pytest.mark.parametrize("config", ["toy/mask_rcnn_vitdet_toy.py", "toy/atc_mask_rcnn_vitdet_toy.py"])
+def test_toy_lazyconfig_trains_and_evaluates(config, small_toy, tmp_path):
+    out = str(tmp_path / "out")
+    p = run(["--config-file", f"configs/{config}", *FAST, "train.max_iter=3",
+             "train.checkpointer.period=2", f"train.output_dir={out}"], small_toy)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.search(r"^segm AP: \d+\.\d\d  AP50: ", p.stdout, re.M), p.stdout[-2000:]
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "Starting training from iteration 0" in log
+    assert ("ATCBlock" in log) == ("atc_" in config)  # the model printed in the log
+    p = run(["--config", f"configs/{config}", "--eval-only", *FAST,
+             f"train.init_checkpoint={out}/model_final.pth", f"train.output_dir={out}"], small_toy)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.search(r"^bbox AP: \d+\.\d\d  AP50: ", p.stdout, re.M), p.stdout[-2000:]
+    assert os.path.isfile(os.path.join(out, "inference", "toy_shapes_val", "coco_instances_results.json"))
+
+
+def test_lazyconfig_resume_and_two_processes(small_toy, tmp_path):
+    out = str(tmp_path / "out")
+    args = ["--config-file", "configs/toy/atc_mask_rcnn_vitdet_toy.py", *FAST,
+            "train.checkpointer.period=2", f"train.output_dir={out}"]
+    p = run(["--num-gpus", "2", *args, "train.max_iter=2"], small_toy)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Rank of current process: 0. World size: 2" in open(os.path.join(out, "log.txt")).read()
+    last = open(os.path.join(out, "last_checkpoint")).read().strip()
+    p = run(["--resume", *args, "train.max_iter=4"], small_toy)
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = open(os.path.join(out, "log.txt")).read()
+    assert f"Loading from {os.path.join(out, last)}" in log
+    assert "Starting training from iteration 2" in log
+
+
+def test_official_checkpoint_eval_only_through_the_tool(small_toy, tmp_path, tool_error):
+    """--eval-only train.init_checkpoint=<official-format .pkl> on the atc_ Cascade config (a tiny
+    ViT, the toy's 4 classes): loads strictly and evaluates; a mismatched one is one error line."""
+    path = str(tmp_path / "model_final.pkl")
+    write_model_zoo_pkl(path, detectron2_cascade(num_classes=4, **TINY_VIT).state_dict())
+    args = ["--config-file", "configs/COCO/atc_cascade_mask_rcnn_vitdet_b_100ep.py", "--eval-only",
+            *TINY_LAZY, "dataloader.test.dataset.names=toy_shapes_val",
+            "dataloader.test.num_workers=0", "dataloader.test.mapper.augmentations.0.short_edge_length=256",
+            "dataloader.test.mapper.augmentations.0.max_size=320", f"train.output_dir={tmp_path}/out",
+            "model.proposal_generator.post_nms_topk=[1000,20]"]  # 3 box stages on 20 proposals
+    p = run([*args, f"train.init_checkpoint={path}", "model.roi_heads.num_classes=4"], small_toy)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.search(r"^segm AP: \d+\.\d\d  AP50: ", p.stdout, re.M), p.stdout[-2000:]
+    line = tool_error("train_net.py", *args, f"train.init_checkpoint={path}", env=small_toy)
+    assert "checkpoint keys don't match the model" in line and "shape mismatch" in line
+    assert "model.roi_heads.num_classes" in line
+
+
+TOY_LAZY = ["--config-file", "configs/toy/atc_mask_rcnn_vitdet_toy.py", "--eval-only"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([*TOY_LAZY, "train.max_iterr=3"], "unknown config key: train.max_iterr"),
+        ([*TOY_LAZY, "model.backbone.net.atc.keep_ratio=0.5"], "unknown config key: model.backbone.net.atc.keep_ratio"),
+        ([*TOY_LAZY, "train.max_iter=many"], "type mismatch for train.max_iter"),
+        ([*TOY_LAZY, "train.amp.enabled=1"], "type mismatch for train.amp.enabled"),
+        ([*TOY_LAZY, "train.max_iter", "3"], "override 'train.max_iter' is not key=value"),
+        ([*TOY_LAZY, "model.backbone.net.atc.keep_rate=1.5"],
+         "model.backbone.net.atc: keep_rate (MODEL.ATC.KEEP_RATE) is the fraction"),
+        ([*TOY_LAZY, "model.backbone.net.atc.linkage=ward"], "model.backbone.net.atc: linkage"),
+        ([*TOY_LAZY, "dataloader.test.dataset.names=coco_2017_val"], "coco/annotations/instances_val2017.json"),
+        ([*TOY_LAZY, "dataloader.test.dataset.names=my_data"], "dataset 'my_data' is not registered"),
+        ([*TOY_LAZY, "train.init_checkpoint={tmp}/missing.pth"],
+         "train.init_checkpoint '{tmp}/missing.pth' is not a file"),
+        ([*TOY_LAZY, "train.init_checkpoint={tmp}/other_model.pth"],
+         "checkpoint keys don't match the model (missing in the checkpoint: ['backbone."),
+        (["--config-file", "{tmp}/missing.py"], "config file '{tmp}/missing.py' not found"),
+        (["--config-file", "README.md"], "config file 'README.md' is neither a LazyConfig (.py) nor"),
+    ],
+)
+def test_lazyconfig_bad_input_is_one_clear_error(args, message, tmp_path, small_toy, tool_error):
+    torch.save({"model": {"backbone.net.not_a_parameter": torch.zeros(3)}}, tmp_path / "other_model.pth")
+    line = tool_error("train_net.py", *(a.format(tmp=tmp_path) for a in args),
+                      f"train.output_dir={tmp_path}/out", env=small_toy)
+    assert message.format(tmp=tmp_path) in line
