@@ -51,6 +51,16 @@ def tool_error() -> Callable[..., str]:
     return run
 
 
+@pytest.fixture(scope="module")
+def small_toy(tmp_path_factory):
+    """(Environment for tools/*) a small toy dataset (16 train / 8 val images) under a private DETECTRON2_DATASETS."""
+    from atc_det.data.toy_shapes import generate_toy_shapes
+
+    root = tmp_path_factory.mktemp("d2data")
+    generate_toy_shapes(str(root / "toy_shapes"), splits={"train": 16, "val": 8})
+    return {"DETECTRON2_DATASETS": str(root)}
+
+
 def make_cfg(config_file: str | None = None, **keys):
     """A Detectron2 config with every atc_det key (get_cfg + add_atc_det_config), merged with
     ``config_file`` (a name in configs/, or a path) if given, then ``keys`` set: each a path

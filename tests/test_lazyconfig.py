@@ -233,16 +233,6 @@ def run(args, env, timeout=600):
                           text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1", **env))
 
 
-@pytest.fixture(scope="module")
-def small_toy(tmp_path_factory):
-    """A small toy dataset (16 train / 8 val images) under a private DETECTRON2_DATASETS."""
-    from atc_det.data.toy_shapes import generate_toy_shapes
-
-    root = tmp_path_factory.mktemp("d2data")
-    generate_toy_shapes(str(root / "toy_shapes"), splits={"train": 16, "val": 8})
-    return {"DETECTRON2_DATASETS": str(root)}
-
-
 @pytest.mark.parametrize("config", ["toy/mask_rcnn_vitdet_toy.py", "toy/atc_mask_rcnn_vitdet_toy.py"])
 def test_toy_lazyconfig_trains_and_evaluates(config, small_toy, tmp_path):
     out = str(tmp_path / "out")

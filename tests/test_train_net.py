@@ -29,16 +29,6 @@ def run(args, env_extra=None, timeout=600, **kw):
     )
 
 
-@pytest.fixture(scope="module")
-def small_toy(tmp_path_factory):
-    """A small toy dataset (16 train / 8 val images) under a private DETECTRON2_DATASETS."""
-    from atc_det.data.toy_shapes import generate_toy_shapes
-
-    root = tmp_path_factory.mktemp("d2data")
-    generate_toy_shapes(str(root / "toy_shapes"), splits={"train": 16, "val": 8})
-    return {"DETECTRON2_DATASETS": str(root)}
-
-
 def test_train_then_eval_only(small_toy, tmp_path):
     out = str(tmp_path / "out")
     p = run(["--config", "configs/toy_vitdet.yaml", *FAST, "SOLVER.MAX_ITER", "4",
