@@ -283,32 +283,69 @@ def test_official_checkpoint_eval_only_through_the_tool(small_toy, tmp_path, too
     assert "model.roi_heads.num_classes" in line
 
 
-TOY_LAZY = ["--config-file", "configs/toy/atc_mask_rcnn_vitdet_toy.py", "--eval-only"]
+TOY_LAZY = os.path.join(CONFIGS, "toy", "atc_mask_rcnn_vitdet_toy.py")
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (["train.max_iterr=3"], KeyError, "unknown config key: train.max_iterr"),
+        (["model.backbone.net.atc.keep_ratio=0.5"], KeyError,
+         "unknown config key: model.backbone.net.atc.keep_ratio"),
+        (["train.max_iter=many"], ValueError, "type mismatch for train.max_iter"),
+        (["train.amp.enabled=1"], ValueError, "type mismatch for train.amp.enabled"),
+        (["train.max_iter", "3"], ValueError, "override 'train.max_iter' is not key=value"),
+        (["model.backbone.net.atc.keep_rate=1.5"], ValueError,
+         "model.backbone.net.atc: keep_rate (MODEL.ATC.KEEP_RATE) is the fraction"),
+        (["model.backbone.net.atc.linkage=ward"], ValueError, "model.backbone.net.atc: linkage"),
+        (["dataloader.test.dataset.names=coco_2017_val"], FileNotFoundError,
+         "coco/annotations/instances_val2017.json"),
+        (["dataloader.test.dataset.names=my_data"], KeyError, "dataset 'my_data' is not registered"),
+        (["train.init_checkpoint={tmp}/missing.pth"], FileNotFoundError,
+         "train.init_checkpoint '{tmp}/missing.pth' is not a file"),
+    ],
+)
+def test_lazyconfig_bad_input_is_one_clear_error(overrides, error, message, tmp_path, small_toy,
+                                                 monkeypatch):
+    """What tools/train_net.py checks before starting workers (it prints the message as its one
+    error line: test_lazyconfig_bad_input_through_the_tool)."""
+    from atc_det.lazy_trainer import check_lazy_inputs
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", small_toy["DETECTRON2_DATASETS"])
+    with pytest.raises(error) as raised:
+        cfg = load_lazy_config(TOY_LAZY, [o.format(tmp=tmp_path) for o in overrides])
+        check_lazy_inputs(cfg, eval_only=True, resume=False)
+    text = raised.value.args[0] if error is KeyError else str(raised.value)
+    assert message.format(tmp=tmp_path) in text
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        ([*TOY_LAZY, "train.max_iterr=3"], "unknown config key: train.max_iterr"),
-        ([*TOY_LAZY, "model.backbone.net.atc.keep_ratio=0.5"], "unknown config key: model.backbone.net.atc.keep_ratio"),
-        ([*TOY_LAZY, "train.max_iter=many"], "type mismatch for train.max_iter"),
-        ([*TOY_LAZY, "train.amp.enabled=1"], "type mismatch for train.amp.enabled"),
-        ([*TOY_LAZY, "train.max_iter", "3"], "override 'train.max_iter' is not key=value"),
-        ([*TOY_LAZY, "model.backbone.net.atc.keep_rate=1.5"],
-         "model.backbone.net.atc: keep_rate (MODEL.ATC.KEEP_RATE) is the fraction"),
-        ([*TOY_LAZY, "model.backbone.net.atc.linkage=ward"], "model.backbone.net.atc: linkage"),
-        ([*TOY_LAZY, "dataloader.test.dataset.names=coco_2017_val"], "coco/annotations/instances_val2017.json"),
-        ([*TOY_LAZY, "dataloader.test.dataset.names=my_data"], "dataset 'my_data' is not registered"),
-        ([*TOY_LAZY, "train.init_checkpoint={tmp}/missing.pth"],
-         "train.init_checkpoint '{tmp}/missing.pth' is not a file"),
-        ([*TOY_LAZY, "train.init_checkpoint={tmp}/other_model.pth"],
+        (["--eval-only", "train.max_iterr=3"], "unknown config key: train.max_iterr"),
+        # found while the model is built and loaded, in the worker
+        (["--eval-only", "train.init_checkpoint={tmp}/other_model.pth"],
          "checkpoint keys don't match the model (missing in the checkpoint: ['backbone."),
-        (["--config-file", "{tmp}/missing.py"], "config file '{tmp}/missing.py' not found"),
-        (["--config-file", "README.md"], "config file 'README.md' is neither a LazyConfig (.py) nor"),
+        (["train.init_checkpoint={tmp}/other_model.pth"], "not in the model: ['backbone.net.not_a_parameter']"),
     ],
 )
-def test_lazyconfig_bad_input_is_one_clear_error(args, message, tmp_path, small_toy, tool_error):
+def test_lazyconfig_bad_input_through_the_tool(args, message, tmp_path, small_toy, tool_error):
     torch.save({"model": {"backbone.net.not_a_parameter": torch.zeros(3)}}, tmp_path / "other_model.pth")
-    line = tool_error("train_net.py", *(a.format(tmp=tmp_path) for a in args),
+    line = tool_error("train_net.py", "--config-file", TOY_LAZY, *(a.format(tmp=tmp_path) for a in args),
                       f"train.output_dir={tmp_path}/out", env=small_toy)
     assert message.format(tmp=tmp_path) in line
+
+
+@pytest.mark.parametrize("config, message", [
+    ("{tmp}/missing.py", "config file '{tmp}/missing.py' not found"),
+    ("README.md", "config file 'README.md' is neither a LazyConfig (.py) nor a yacs config (.yaml)"),
+])
+def test_config_file_errors(config, message, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import train_net
+    finally:
+        sys.path.pop(0)
+    args = train_net.parse_args(["--config-file", config.format(tmp=tmp_path)])
+    with pytest.raises((FileNotFoundError, ValueError), match=re.escape(message.format(tmp=tmp_path))):
+        train_net.check_inputs(args)
