@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +38,7 @@ from atc_det.registry import get_method, register_method  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
 from atc_det.dinov2 import PATCH_SIZE, load_dinov2_vit_small, normalize_images  # noqa: E402
+from benchmarks.fixtures.machine import machine  # noqa: E402
 from benchmarks.fixtures.photos import cluster_purity, load_real_photos, resize_photo  # noqa: E402
 
 METHODS = {  # table name -> (atc_det.registry method name, method kwargs)
@@ -147,16 +146,6 @@ def cluster_maps(model, pixels, grid: int, keep_rate: float) -> dict:
         maps[name] = model._atc_info["source"][0].reshape(grid, grid).tolist()
     atc_det.remove_atc(model)
     return maps
-
-
-def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model_name = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines()
-                          if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model_name = platform.processor()
-    return f"{model_name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def plot_curves(results: dict, path: Path) -> None:

@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +50,7 @@ from atc_det.dinov2 import build_saliency_model, normalize_images  # noqa: E402
 from atc_det.registry import method_names, register_method  # noqa: E402
 from benchmarks.fixtures import sec_clustering  # noqa: E402
 from benchmarks.fixtures.dinov2_onnx import onnx_outputs  # noqa: E402
+from benchmarks.fixtures.machine import machine  # noqa: E402
 from benchmarks.fixtures.photos import PHOTO_FILES, load_photo, resize_rgb  # noqa: E402
 
 METHODS = {  # table name -> (registry name, options)
@@ -204,16 +203,6 @@ def port_check(names: list[str], size: int) -> dict:
                 mean=float(np.mean([d.mean() for d in differences])))
 
 
-def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model_name = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines()
-                          if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model_name = platform.processor()
-    return f"{model_name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
 def select(rows: list[dict], setting: str, reuse: bool = False) -> list[dict]:
     return [r for r in rows if r["setting"] == setting and r["reuse"] == reuse]
 
@@ -266,6 +255,17 @@ def plot_sheet(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def save_sheet(sheet: dict, path: Path) -> None:
+    """The picture sheet's saliency maps, as uint8 (value * 255), compressed."""
+    np.savez_compressed(path, **{name: np.round(np.array(maps) * 255).astype(np.uint8)
+                                 for name, maps in sheet.items()})
+
+
+def load_sheet(path: Path) -> dict:
+    with np.load(path) as data:
+        return {name: (data[name] / 255.0).tolist() for name in data.files}
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -381,6 +381,8 @@ def main() -> None:
     if args.from_json is not None:
         saved = json.loads(args.from_json.read_text())
         results, info = saved["results"], saved["info"]
+        if "sheet" not in results[0]:
+            results[0]["sheet"] = load_sheet(args.from_json.with_name("saliency_sheet.npz"))
     else:
         start = time.perf_counter()
         results = [run_size(size, args.photos if i == 0 else args.photos[:args.large_photos], i == 0,
@@ -389,7 +391,9 @@ def main() -> None:
         info = dict(machine=machine(), ports=ports, minutes=(time.perf_counter() - start) / 60, sizes=args.sizes,
                     photos=args.photos, large_photos=args.large_photos, side_photos=args.side_photos)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "saliency.json").write_text(json.dumps(dict(results=results, info=info)))
+    save_sheet(results[0]["sheet"], args.out / "saliency_sheet.npz")
+    slim = [{k: v for k, v in result.items() if k != "sheet"} for result in results]
+    (args.out / "saliency.json").write_text(json.dumps(dict(results=slim, info=info), indent=0))
     plot_curves(results, args.out / "saliency_curves.png")
     plot_sheet(results[0], args.out / "saliency_sheet.png")
     command = ("OMP_NUM_THREADS=2 flock /tmp/cpu.lock .venv/bin/python benchmarks/bench_saliency.py "
