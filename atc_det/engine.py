@@ -72,8 +72,8 @@ class Checkpointer(DetectionCheckpointer):
     YACS_HINT = ("Check that MODEL.* (e.g. MODEL.VIT size, ROI_HEADS.NUM_CLASSES) matches the "
                  "checkpoint, or set MODEL.WEIGHTS_STRICT False to load what matches.")
     LAZY_HINT = ("Check that the config's model (e.g. model.backbone.net size, "
-                 "model.roi_heads.num_classes) matches the checkpoint, or append "
-                 "'?matching_heuristics=True' to train.init_checkpoint to load what matches.")
+                 "model.roi_heads.num_classes) matches the checkpoint, or load what matches with "
+                 "\"train.init_checkpoint='<checkpoint>?matching_heuristics=True'\" (quoted).")
 
     def __init__(self, *args, strict: bool = True, hint: str = YACS_HINT, **kwargs):
         super().__init__(*args, **kwargs)

@@ -51,9 +51,11 @@ def _target_accepts(node: DictConfig, name: str) -> bool:
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
-def _check_override(cfg: DictConfig, key: str, value: Any) -> None:
-    """Raise a KeyError for a key that is not in ``cfg`` (a new argument of a LazyCall node is
-    allowed when its target takes it) and a ValueError for a number / bool given another type."""
+def _checked_value(cfg: DictConfig, key: str, value: Any) -> Any:
+    """The value an override ``key=value`` sets, checked against ``cfg``: a KeyError for a key
+    that is not in ``cfg`` (a new argument of a LazyCall node is allowed when its target takes
+    it), a ValueError when a bool, int or float in the config would get another type (an int
+    key takes an integral float such as 1e5, as an int; a float key takes an int)."""
     node: Any = cfg
     parts = key.split(".")
     for depth, part in enumerate(parts):
@@ -65,19 +67,25 @@ def _check_override(cfg: DictConfig, key: str, value: Any) -> None:
             continue
         if (depth == len(parts) - 1 and isinstance(node, DictConfig) and "_target_" in node
                 and _target_accepts(node, part)):
-            return
+            return value
         raise KeyError(f"unknown config key: {key} (from command-line overrides; "
                        f"{'.'.join(parts[:depth]) or 'the config'} has no {part!r}); the config's "
                        "keys are in its file and those it imports")
-    if _kind(node) is not None and _kind(node) != _kind(value):
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(node, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(node, int):
+        ok = is_number and float(value).is_integer()
+        value = int(value) if ok else value
+    elif isinstance(node, float):
+        ok = is_number
+    else:
+        ok = True
+    if not ok:
         raise ValueError(f"type mismatch for {key}: the config has {node!r} "
                          f"({type(node).__name__}), the override gives {value!r} "
                          f"({type(value).__name__})")
-
-
-def _kind(value: Any) -> str | None:
-    """"bool" or "number" for the values whose type an override must keep, else None."""
-    return "bool" if isinstance(value, bool) else "number" if isinstance(value, (int, float)) else None
+    return value
 
 
 def load_lazy_config(config_file: str, overrides: list[str] | None = None) -> DictConfig:
@@ -99,8 +107,11 @@ def load_lazy_config(config_file: str, overrides: list[str] | None = None) -> Di
     except HydraException as error:
         raise ValueError(f"cannot parse the overrides: {error}") from None
     for override in parsed:
-        _check_override(cfg, override.key_or_group, override.value())
-    cfg = LazyConfig.apply_overrides(cfg, overrides)
+        if override.is_delete():
+            raise ValueError(f"cannot delete {override.key_or_group} from the command line: "
+                             "edit the config file")
+        key = override.key_or_group
+        OmegaConf.update(cfg, key, _checked_value(cfg, key, override.value()), merge=True)
     for group in REQUIRED["eval"]:
         if group not in cfg:
             raise KeyError(f"{config_file} defines no {group!r}: a LazyConfig for training and "
@@ -166,7 +177,7 @@ def do_train(cfg: DictConfig, resume: bool) -> dict | None:
     """Detectron2's LazyConfig training loop: (AMP)SimpleTrainer with LR schedule, atomic
     periodic checkpoints, evaluation every ``train.eval_period`` and after training, writers.
     Returns the last evaluation's results."""
-    with exit_on_bad_input():  # e.g. a checkpoint whose keys don't match the model
+    with exit_on_bad_input():  # e.g. a bad argument of a LazyCall node
         model = build_lazy_model(cfg)
         cfg.optimizer.params.model = model
         optimizer = instantiate(cfg.optimizer)
@@ -175,7 +186,6 @@ def do_train(cfg: DictConfig, resume: bool) -> dict | None:
         trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
         checkpointer = Checkpointer(model, cfg.train.output_dir, trainer=trainer,
                                     hint=Checkpointer.LAZY_HINT)
-        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     results: list[dict | None] = [None]
 
     def test_and_keep() -> dict | None:
@@ -191,6 +201,8 @@ def do_train(cfg: DictConfig, resume: bool) -> dict | None:
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period) if main else None,
     ])
+    with exit_on_bad_input():  # e.g. a checkpoint whose keys don't match the model
+        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)  # after the hooks: their state
     # The checkpoint stores the iteration that finished: go on from the next one.
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)

@@ -56,6 +56,18 @@ def shapes(model: torch.nn.Module) -> dict:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def box_stages(model: torch.nn.Module) -> list:
+    """What each box stage does beyond its parameters: test threshold, NMS, top-k, regression
+    weights, class-agnostic regression, and the IoU that matches proposals in training."""
+    heads = model.roi_heads
+    predictors = getattr(heads, "box_predictor")
+    predictors = list(predictors) if isinstance(predictors, torch.nn.ModuleList) else [predictors]
+    matchers = getattr(heads, "proposal_matchers", None) or [heads.proposal_matcher]
+    return [(p.test_score_thresh, p.test_nms_thresh, p.test_topk_per_image,
+             tuple(p.box2box_transform.weights), p.bbox_pred.out_features, m.thresholds)
+            for p, m in zip(predictors, matchers)]
+
+
 @pytest.mark.parametrize("name", LAZY_CONFIGS)
 def test_every_lazy_config_instantiates(name):
     cfg = load_lazy_config(os.path.join(CONFIGS, name))
@@ -65,7 +77,8 @@ def test_every_lazy_config_instantiates(name):
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
-    assert 0 < instantiate(cfg.lr_multiplier)(0.5) <= 1
+    schedule = instantiate(cfg.lr_multiplier)  # warm-up from 0.001, then 1, 0.1, 0.01
+    assert (schedule(0.0), schedule(0.999)) == (pytest.approx(0.001), pytest.approx(0.01))
     reduced = [type(b) is ATCBlock for b in model.backbone.net.blocks]
     assert reduced == ([False] + [True] * (len(reduced) - 1) if "atc_" in name else [False] * len(reduced))
 
@@ -82,11 +95,14 @@ def test_lazy_and_yacs_recipes_build_the_same_parameters(lazy, yacs):
     """Per recipe, the LazyConfig model, its atc_ variant and the yacs model (and its atc_
     variant) have the same parameter names and shapes: official checkpoints fit all four."""
     with no_weight_init():
-        reference = shapes(lazy_model(lazy))
+        reference = lazy_model(lazy)
         for model in (lazy_model(f"COCO/atc_{os.path.basename(lazy)}"), yacs_model(yacs),
                       yacs_model(f"atc_{yacs}")):
-            assert shapes(model) == reference
-    assert any(k.startswith("roi_heads.box_predictor.2.") for k in reference) == ("cascade" in lazy)
+            assert shapes(model) == shapes(reference)
+            assert box_stages(model) == box_stages(reference)
+    stages = box_stages(reference)
+    assert [s[0] for s in stages] == [0.05] * len(stages)
+    assert len(stages) == (3 if "cascade" in lazy else 1)
 
 
 def test_recipes_keep_the_official_values():
@@ -96,14 +112,38 @@ def test_recipes_keep_the_official_values():
     assert list(b.lr_multiplier.scheduler.milestones) == [163889, 177546]
     assert b.optimizer.params.lr_factor_func.keywords == {"num_layers": 12, "lr_decay_rate": 0.7}
     assert (b.optimizer.lr, b.optimizer.weight_decay, b.dataloader.train.total_batch_size) == (1e-4, 0.1, 64)
-    assert [a._target_.__name__ for a in b.dataloader.train.mapper.augmentations] == [
-        "RandomFlip", "ResizeScale", "FixedSizeCrop"]
+    assert b.train.init_checkpoint == (
+        "detectron2://ImageNetPretrained/MAE/mae_pretrain_vit_base.pth?matching_heuristics=True")
+    assert (b.lr_multiplier.warmup_length, b.lr_multiplier.warmup_factor) == (250 / 184375, 0.001)
+    assert b.optimizer.params.overrides == {"pos_embed": {"weight_decay": 0.0}}
+    assert b.model.backbone.net.drop_path_rate == 0.1
+    flip, scale, crop = b.dataloader.train.mapper.augmentations
+    assert (flip._target_.__name__, flip.horizontal) == ("RandomFlip", True)
+    assert (scale._target_.__name__, scale.min_scale, scale.max_scale, scale.target_height,
+            scale.target_width) == ("ResizeScale", 0.1, 2.0, 1024, 1024)
+    assert (crop._target_.__name__, tuple(crop.crop_size), crop.pad) == ("FixedSizeCrop", (1024, 1024), False)
+    mapper = b.dataloader.train.mapper
+    assert (mapper.image_format, mapper.recompute_boxes, mapper.use_instance_mask) == ("RGB", True, True)
+    (test_resize,) = b.dataloader.test.mapper.augmentations
+    assert (test_resize.short_edge_length, test_resize.max_size) == (1024, 1024)
+    large = LazyConfig.load(os.path.join(CONFIGS, "COCO/mask_rcnn_vitdet_l_100ep.py"))
+    net = large.model.backbone.net
+    assert (net.embed_dim, net.depth, net.num_heads, net.drop_path_rate) == (1024, 24, 16, 0.4)
+    assert large.train.init_checkpoint.endswith("/mae_pretrain_vit_large.pth?matching_heuristics=True")
+    assert large.optimizer.params.lr_factor_func.keywords == {"num_layers": 24, "lr_decay_rate": 0.8}
     h = LazyConfig.load(os.path.join(CONFIGS, "COCO/cascade_mask_rcnn_vitdet_h_75ep.py"))
     net = h.model.backbone.net
     assert (net.embed_dim, net.depth, net.num_heads, net.drop_path_rate) == (1280, 32, 16, 0.5)
     assert sorted(set(range(32)) - set(net.window_block_indexes)) == [7, 15, 23, 31]
     assert (h.train.max_iter, list(h.lr_multiplier.scheduler.milestones)) == (138281, [122916, 133159])
     assert h.optimizer.params.lr_factor_func.keywords == {"num_layers": 32, "lr_decay_rate": 0.9}
+    assert (h.optimizer.params.overrides, h.optimizer.params.weight_decay_norm) == ({}, None)
+    assert h.train.init_checkpoint.endswith("/mae_pretrain_vit_huge_p14to16.pth?matching_heuristics=True")
+    assert all(head.conv_norm == "LN" and list(head.conv_dims) == [256] * 4 and list(head.fc_dims) == [1024]
+               for head in h.model.roi_heads.box_heads)
+    assert [tuple(p.box2box_transform.weights) for p in h.model.roi_heads.box_predictors] == [
+        (10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)]
+    assert all(p.cls_agnostic_bbox_reg for p in h.model.roi_heads.box_predictors)
     assert [m.thresholds for m in h.model.roi_heads.proposal_matchers] == [[0.5], [0.6], [0.7]]
     l_net = LazyConfig.load(os.path.join(CONFIGS, "COCO/atc_mask_rcnn_vitdet_l_100ep.py")).model.backbone.net
     assert sorted(set(range(24)) - set(l_net.window_block_indexes)) == [5, 11, 17, 23]
@@ -206,9 +246,28 @@ def test_cascade_lazy_and_yacs_give_the_same_outputs(atc):
     torch.testing.assert_close(a.pred_masks, b.pred_masks)
 
 
-def test_toy_lazyconfig_is_the_yacs_toy_model():
+def test_toy_lazyconfig_is_the_yacs_toy():
+    """The same model, data and schedule as configs/toy_vitdet.yaml (without gradient clipping)."""
     with no_weight_init():
         assert shapes(lazy_model("toy/mask_rcnn_vitdet_toy.py")) == shapes(yacs_model("toy_vitdet.yaml"))
+    lazy = load_lazy_config(os.path.join(CONFIGS, "toy/mask_rcnn_vitdet_toy.py"))
+    yacs = load_config(os.path.join(CONFIGS, "toy_vitdet.yaml"))
+    solver, schedule = yacs.SOLVER, lazy.lr_multiplier
+    assert (lazy.train.max_iter, list(schedule.scheduler.milestones)) == (solver.MAX_ITER, list(solver.STEPS))
+    assert (schedule.warmup_length * lazy.train.max_iter, schedule.warmup_factor) == (
+        solver.WARMUP_ITERS, solver.WARMUP_FACTOR)
+    assert (lazy.optimizer.lr, lazy.optimizer.weight_decay) == (solver.BASE_LR, solver.WEIGHT_DECAY)
+    assert (lazy.dataloader.train.total_batch_size, lazy.train.seed) == (solver.IMS_PER_BATCH, yacs.SEED)
+    assert (lazy.dataloader.train.dataset.names, lazy.dataloader.test.dataset.names) == (
+        yacs.DATASETS.TRAIN[0], yacs.DATASETS.TEST[0])
+    mapper = lazy.dataloader.train.mapper
+    assert (mapper.image_format, mapper.instance_mask_format) == (yacs.INPUT.FORMAT, yacs.INPUT.MASK_FORMAT)
+    resize = mapper.augmentations[0]
+    assert (tuple(resize.short_edge_length), resize.max_size) == (
+        tuple(yacs.INPUT.MIN_SIZE_TRAIN), yacs.INPUT.MAX_SIZE_TRAIN)
+    (test_resize,) = lazy.dataloader.test.mapper.augmentations
+    assert (test_resize.short_edge_length, test_resize.max_size) == (
+        yacs.INPUT.MIN_SIZE_TEST, yacs.INPUT.MAX_SIZE_TEST)
 
 
 def test_with_atc_refuses_other_nodes():
@@ -293,6 +352,8 @@ TOY_LAZY = os.path.join(CONFIGS, "toy", "atc_mask_rcnn_vitdet_toy.py")
         (["model.backbone.net.atc.keep_ratio=0.5"], KeyError,
          "unknown config key: model.backbone.net.atc.keep_ratio"),
         (["train.max_iter=many"], ValueError, "type mismatch for train.max_iter"),
+        (["train.max_iter=1.5"], ValueError, "type mismatch for train.max_iter"),
+        (["model.backbone.net.dept=24"], KeyError, "unknown config key: model.backbone.net.dept"),
         (["train.amp.enabled=1"], ValueError, "type mismatch for train.amp.enabled"),
         (["train.max_iter", "3"], ValueError, "override 'train.max_iter' is not key=value"),
         (["model.backbone.net.atc.keep_rate=1.5"], ValueError,
@@ -317,6 +378,13 @@ def test_lazyconfig_bad_input_is_one_clear_error(overrides, error, message, tmp_
         check_lazy_inputs(cfg, eval_only=True, resume=False)
     text = raised.value.args[0] if error is KeyError else str(raised.value)
     assert message.format(tmp=tmp_path) in text
+
+
+def test_lazyconfig_overrides_keep_types():
+    cfg = load_lazy_config(TOY_LAZY, ["train.max_iter=1e3", "optimizer.lr=1", "model.backbone.net.depth=2",
+                                      "model.backbone.net.atc.keep_rate=0.25", "train.amp.enabled=False"])
+    assert (type(cfg.train.max_iter), cfg.train.max_iter, cfg.optimizer.lr) == (int, 1000, 1)
+    assert (cfg.model.backbone.net.depth, cfg.model.backbone.net.atc.keep_rate) == (2, 0.25)
 
 
 @pytest.mark.parametrize(

@@ -28,8 +28,9 @@ __all__ = ["atc_arguments", "atc_vit", "atc_vit_nodes", "check_atc_nodes", "with
 
 
 def atc_arguments(**arguments: Any) -> dict[str, Any]:
-    """Every keyword argument of :func:`apply_atc` after ``vit``: its default, or the value given
-    (a clustering method's own options, e.g. ``k_neighbors``, are kept as given too)."""
+    """Every keyword argument of :func:`apply_atc` after ``vit``: its default, or the value given.
+    A clustering method's own options (e.g. ``k_neighbors``) are kept when given here; they are
+    not filled in, so a command-line override cannot add one."""
     parameters = list(inspect.signature(apply_atc).parameters.values())[1:]
     defaults = {p.name: p.default for p in parameters if p.kind is not p.VAR_KEYWORD}
     return {**defaults, **arguments}
@@ -40,6 +41,12 @@ def atc_vit(*, atc: Mapping[str, Any], **vit_arguments: Any) -> ViT:
     if OmegaConf.is_config(atc):
         atc = OmegaConf.to_container(atc)
     return apply_atc(ViT(**vit_arguments), **atc)
+
+
+# What atc_vit takes, for the override checks of tools/train_net.py: ``atc`` and ViT's arguments.
+atc_vit.__signature__ = inspect.Signature(
+    [inspect.Parameter("atc", inspect.Parameter.KEYWORD_ONLY)]
+    + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(ViT).parameters.values()])
 
 
 def with_atc(net: DictConfig, **arguments: Any) -> DictConfig:
