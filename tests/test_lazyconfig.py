@@ -4,6 +4,7 @@ checkpoints of Detectron2's own models load strictly into the atc_ configs; tool
 trains and evaluates LazyConfig files and stops bad input with one error line."""
 import contextlib
 import glob
+import importlib.util
 import os
 import re
 import subprocess
@@ -409,11 +410,9 @@ def test_lazyconfig_bad_input_through_the_tool(args, message, tmp_path, small_to
     ("README.md", "config file 'README.md' is neither a LazyConfig (.py) nor a yacs config (.yaml)"),
 ])
 def test_config_file_errors(config, message, tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        import train_net
-    finally:
-        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location("train_net", TRAIN_NET)
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
     args = train_net.parse_args(["--config-file", config.format(tmp=tmp_path)])
     with pytest.raises((FileNotFoundError, ValueError), match=re.escape(message.format(tmp=tmp_path))):
         train_net.check_inputs(args)

@@ -48,7 +48,7 @@ from atc_det.reduction import (
     cluster_tokens,
     head_mean_keys,
 )
-from atc_det.windows import group_tokens, ungroup_tokens, window_real_counts
+from atc_det.windows import group_tokens, ungroup_tokens, window_real_counts, window_slot_starts
 
 __all__ = ["ATCBlock", "apply_atc", "apply_atc_from_cfg", "collect_source_maps", "remove_atc"]
 
@@ -335,8 +335,8 @@ class ATCBlock(Block):
         if self.use_residual_block:
             x = self.residual(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if s.record_source:
-            offsets = torch.arange(labels.shape[0], device=x.device) % (labels.shape[0] // B) * K
-            ids = (labels + offsets[:, None])[..., None]
+            starts, _ = window_slot_starts([K] * labels.shape[0], labels.shape[0] // B)
+            ids = (labels + torch.tensor(starts, device=x.device)[:, None])[..., None]
             self._atc_source_map = ungroup_tokens(ids, group, pad_hw, (H, W))[..., 0]
         return x
 

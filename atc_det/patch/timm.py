@@ -41,7 +41,7 @@ from atc_det.reduction import (
     head_mean_keys,
 )
 from atc_det.sec import check_sec_arguments, gather_groups, scatter_groups, sec_group_indices
-from atc_det.windows import group_tokens, ungroup_tokens, window_real_counts
+from atc_det.windows import group_tokens, ungroup_tokens, window_real_counts, window_slot_starts
 
 
 def default_blocks(depth: int) -> list[int]:
@@ -103,7 +103,9 @@ class _ATCBlock:
         """Cluster x [B, P + N, C], run the block on the clusters, add each cluster's update to
         its members."""
         s, info = self._atc, self._atc_info
-        if s.clusters:
+        if s.clusters and s.threshold is None and s.keep_rate >= 1:
+            info["partition"] = None  # nothing to merge, here and in the blocks that reuse this
+        elif s.clusters:
             normed = self.norm1(x)
             metric = normed
             if s.metric == "keys":
@@ -113,8 +115,12 @@ class _ATCBlock:
                 else:
                     metric = _qkv(self.attn, normed)[1].mean(1)
             info["partition"] = _dense_partition(metric, s, info)
+        if info["partition"] is None:  # the stock block's computation (nothing is merged)
+            attn_out, _ = self.attn(self.norm1(x))
+            x = x + self.drop_path1(self.ls1(attn_out))
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         labels, num_clusters = info["partition"]  # label reuse: the last clustering block's
-        merged, size = merge_tokens(x, labels, num_clusters)
+        merged, size = merge_tokens(x, labels, num_clusters, check_labels=False)
         attn_out, _ = self.attn(self.norm1(merged), key_bias=cluster_attention_bias(size, s.prop_attn))
         update = self.drop_path1(self.ls1(attn_out))
         update = update + self.drop_path2(self.ls2(self.mlp(self.norm2(merged + update))))
@@ -136,9 +142,9 @@ def _dense_partition(metric: Tensor, settings: ReductionSettings, info: dict) ->
 def _window_labels(metric: Tensor, grid: tuple[int, int], settings: ReductionSettings,
                    offset: int) -> tuple[Tensor, int]:
     """Cluster each ``settings.window_size`` window of a patch grid apart: metric [B, h * w, D]
-    (row-major patches) -> image labels [B, h * w] and the slot count ``offset + nW * K``.
-    Window ``i``'s clusters are slots ``offset + i * K ...`` (K: the most clusters a window has;
-    a window with fewer, or with padding, leaves its extra slots empty)."""
+    (row-major patches) -> image labels [B, h * w] and the slot count. An image's windows number
+    their clusters one after another from ``offset`` (a padded window's padding cluster has no
+    member in the image: its slot stays empty)."""
     (batch, num_tokens, _), (height, width) = metric.shape, grid
     window_size = settings.window_size
     if num_tokens != height * width:
@@ -147,10 +153,10 @@ def _window_labels(metric: Tensor, grid: tuple[int, int], settings: ReductionSet
     tokens, valid, _, pad_hw = group_tokens(metric.reshape(batch, height, width, -1), window_size)
     part = cluster_tokens(tokens, valid, settings,
                           real_counts=window_real_counts(height, width, window_size) * batch)
-    windows = part.labels.shape[0] // batch
-    first_slot = offset + torch.arange(part.labels.shape[0], device=metric.device) % windows * part.num_slots
+    starts, num_slots = window_slot_starts(part.clusters, part.labels.shape[0] // batch, offset)
+    first_slot = torch.tensor(starts).to(metric.device, non_blocking=True)
     labels = ungroup_tokens((part.labels + first_slot[:, None])[..., None], window_size, pad_hw, grid)
-    return labels.reshape(batch, num_tokens), offset + windows * part.num_slots
+    return labels.reshape(batch, num_tokens), num_slots
 
 
 def _merge(x: Tensor, metric: Tensor, settings: ReductionSettings, info: dict) -> Tensor:
