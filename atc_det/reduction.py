@@ -64,6 +64,12 @@ class ReductionSettings:
         """Whether this block clusters its input (False: it reuses the current partition)."""
         return self.keep_rate is not None or self.threshold is not None
 
+    @property
+    def keeps_all(self) -> bool:
+        """Whether this block clusters into singletons (keep rate 1, no threshold): nothing is
+        merged, so a dense block is the stock block."""
+        return self.threshold is None and self.keep_rate is not None and self.keep_rate >= 1
+
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -200,7 +206,7 @@ def cluster_tokens(metric: Tensor, valid: Tensor, settings: ReductionSettings, p
     if real_counts is None:
         real_counts = valid[:, protected:].sum(-1).tolist()
     real_counts = list(real_counts)
-    if s.threshold is None and s.keep_rate >= 1:
+    if s.keeps_all:
         labels = torch.arange(num_tokens, device=metric.device).expand(groups, num_tokens)
         return Partition(labels, num_tokens, [num_tokens] * groups,
                          [protected + count for count in real_counts])

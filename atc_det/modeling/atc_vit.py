@@ -258,10 +258,9 @@ class ATCBlock(Block):
         if s.mode != "dense" or s.record_source:
             return False
         if s.clusters:
-            everything = s.threshold is None and s.keep_rate >= 1
-            if everything:
+            if s.keeps_all:
                 self._atc_state["partition"] = None
-            return everything
+            return s.keeps_all
         return self._atc_state.get("partition", ()) is None
 
     def forward(self, x: Tensor) -> Tensor:

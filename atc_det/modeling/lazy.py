@@ -76,10 +76,10 @@ def atc_vit_nodes(cfg: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
 def check_atc_nodes(cfg: Any, path: str = "") -> None:
     """Raise one ValueError naming the node for bad ATC arguments in any ``L(atc_vit)`` node,
     without building a model (``tools/train_net.py`` calls it before starting workers)."""
-    for path, node in atc_vit_nodes(cfg, path):
-        checked = atc_arguments()  # apply_atc's own arguments; a method's options are not checked
-        arguments = {k: v for k, v in OmegaConf.to_container(node.atc).items() if k in checked}
+    own = atc_arguments()  # apply_atc's own arguments; a method's options are not checked here
+    for where, node in atc_vit_nodes(cfg, path):
+        arguments = {k: v for k, v in OmegaConf.to_container(node.atc).items() if k in own}
         try:
             check_atc_arguments(node.get("depth", _VIT_DEPTH), **arguments)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}.atc: {error}") from None
+            raise ValueError(f"{where}.atc: {error}") from None

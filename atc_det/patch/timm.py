@@ -103,7 +103,7 @@ class _ATCBlock:
         """Cluster x [B, P + N, C], run the block on the clusters, add each cluster's update to
         its members."""
         s, info = self._atc, self._atc_info
-        if s.clusters and s.threshold is None and s.keep_rate >= 1:
+        if s.keeps_all:
             info["partition"] = None  # nothing to merge, here and in the blocks that reuse this
         elif s.clusters:
             normed = self.norm1(x)
