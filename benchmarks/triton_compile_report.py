@@ -5,7 +5,7 @@ what ``ptxas -v`` says: registers per thread, spill stores / loads, stack, share
 
 Every variant the clustering core launches (linkage x input: features or distances; with padding
 groups, static K) is compiled with ``triton.compile`` for sm_80 (A100) and sm_90a (H100 / H200)
-at each token count, with the launch options of :func:`atc_det.triton_clustering.cluster`, and
+at each token count, with the launch options of :func:`atc_det.clustering.triton_kernel.cluster`, and
 its PTX is assembled by the ``ptxas`` shipped in triton's ``backends/nvidia/bin``. Prints a
 markdown table (and writes it to ``--out``).
 """
@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from atc_det import triton_clustering as tc  # noqa: E402
+from atc_det.clustering import triton_kernel as tc  # noqa: E402
 
 ARCHS = {"sm_80": (80, "sm_80"), "sm_90": (90, "sm_90a")}  # triton targets sm_90a on Hopper
 CONSTEXPRS = ("LINKAGE", "FEATURES", "HAS_GROUPS", "USE_THRESHOLD", "P", "ROWS", "LOG_P")
@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[196, 1024])
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
-    bad = [n for n in args.tokens if not 1 <= n <= tc.MAX_TOKENS]
+    bad = [n for n in args.tokens if not 1 <= n <= tc.TRITON_MAX_TOKENS]
     if bad:
-        print(f"error: --tokens must lie in 1..{tc.MAX_TOKENS} (the kernel's largest N), got {bad}",
+        print(f"error: --tokens must lie in 1..{tc.TRITON_MAX_TOKENS} (the kernel's largest N), got {bad}",
               file=sys.stderr)
         return 2
     rows = [compile_variant(arch, n, linkage, features) for n in args.tokens for arch in ARCHS

@@ -72,6 +72,6 @@ OPENCV=
 "$P" -c "import torch, torchvision, detectron2, atc_det, fvcore, pycocotools, timm, cv2, scipy"
 # The native clustering kernel (C++, built with the system g++ into ~/.cache/atc_det; without a
 # compiler the clustering falls back to the slower torch path with a warning).
-"$P" -c "from atc_det import native; print('native clustering kernel:', native.build())" \
+"$P" -c "from atc_det.clustering import native; print('native clustering kernel:', native.build())" \
   || echo "WARNING: native clustering kernel not built (needs g++); the torch path will be used"
 touch "$STAMP"

@@ -14,7 +14,7 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist, squareform
 
-from atc_det import native
+from atc_det.clustering import native
 from atc_det.registry import get_method
 from atc_det.clustering import agglomerative_clustering, cosine_distances
 from conftest import ROOT, same_partition
@@ -402,7 +402,7 @@ print("ok")
 
 def test_clustering_imports_without_fcntl():
     """As on Windows (no fcntl module): the clustering core imports, the kernel lock is portable."""
-    script = "import sys; sys.modules['fcntl'] = None; import atc_det.clustering, atc_det.native"
+    script = "import sys; sys.modules['fcntl'] = None; import atc_det.clustering, atc_det.clustering.native"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -437,7 +437,7 @@ def test_kernel_lock_on_windows_retries_msvcrt_and_unlocks(monkeypatch, tmp_path
 def test_auto_backend_picks_triton_for_cuda_tensors_and_warns_once_without_it(monkeypatch):
     """Dispatch only (no GPU here): CUDA tensors take Triton when it imports, else the torch path
     with one warning; samples above the kernel's size and CPU tensors keep their backends."""
-    from atc_det import clustering, triton_clustering
+    from atc_det.clustering import dispatch as clustering, triton_kernel as triton_clustering
 
     cuda = types.SimpleNamespace(device=torch.device("cuda"), shape=(25, 196, 64))
     assert clustering._backend("auto", cuda) == "triton"

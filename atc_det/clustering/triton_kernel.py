@@ -1,6 +1,6 @@
 """Triton GPU backend of the clustering core: one program per sample, one launch per call.
 
-The kernel runs the rounds of :mod:`atc_det.native` (the C++ kernel) with the same tie rules, the
+The kernel runs the rounds of :mod:`atc_det.clustering.native` (the C++ kernel) with the same tie rules, the
 same arithmetic and the same cut, so it returns the same labels for the same distances:
 
 1. distances: given (upper triangle), or cosine distances ``max(1 - <x_i, x_j> / |x_i| |x_j|, 0)``
@@ -31,9 +31,8 @@ import os
 import torch
 from torch import Tensor
 
-MAX_TOKENS = 1024  # largest N of the kernel (larger samples, e.g. image scope, use the torch path)
-# (atc_det.clustering.TRITON_MAX_TOKENS repeats it, to dispatch without importing triton)
-LINKAGE_CODES = {"single": 0, "complete": 1, "average": 2}
+from atc_det.clustering.contract import LINKAGE_CODES, TRITON_MAX_TOKENS
+
 NUM_WARPS = 4
 MAX_REGISTERS = 255  # per thread; without the cap ptxas spills a few bytes at N = 196
 _INT_SCRATCH = 16  # int32 vectors of length P per sample
@@ -421,8 +420,8 @@ def cluster(linkage: str, num_merges: Tensor | None, threshold: float | None, gr
         raise ValueError(f"backend='triton' runs on CUDA tensors (or on CPU tensors with "
                          f"TRITON_INTERPRET=1), got {data.device}; use backend='native' or 'auto'")
     batch, num_tokens = data.shape[:2]
-    if num_tokens > MAX_TOKENS:
-        raise ValueError(f"backend='triton' supports at most {MAX_TOKENS} tokens per sample, got "
+    if num_tokens > TRITON_MAX_TOKENS:
+        raise ValueError(f"backend='triton' supports at most {TRITON_MAX_TOKENS} tokens per sample, got "
                          f"{num_tokens}; use backend='torch' (or 'auto')")
     labels = torch.empty(batch, num_tokens, dtype=torch.long, device=data.device)
     if batch == 0:

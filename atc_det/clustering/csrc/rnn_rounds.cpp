@@ -1,6 +1,6 @@
 // Native CPU kernel of atc_det.clustering: the same nearest-neighbour rounds as the torch path
 // (`_dendrogram`), per sample, with the same tie rules, then the cut and first-member labels.
-// C ABI (loaded with ctypes by atc_det/native.py), no torch headers; OpenMP over samples (or over
+// C ABI (loaded with ctypes by atc_det/clustering/native.py), no torch headers; OpenMP over samples (or over
 // rows for one large sample), sharing torch's libgomp thread pool once torch is loaded.
 //
 // Per sample (N tokens):
@@ -30,7 +30,13 @@
 
 namespace {
 
-enum Linkage { kSingle = 0, kComplete = 1, kAverage = 2 };
+// Constants shared with the other backends: atc_det/clustering/native.py passes them from
+// atc_det/clustering/contract.py as -D definitions.
+#if !defined(ATC_LINKAGE_SINGLE) || !defined(ATC_LINKAGE_COMPLETE) || !defined(ATC_LINKAGE_AVERAGE) || \
+    !defined(ATC_MAX_TOKENS) || !defined(ATC_STATUS_NON_FINITE)
+#error "build this file through atc_det/clustering/native.py, which defines the shared constants"
+#endif
+enum Linkage { kSingle = ATC_LINKAGE_SINGLE, kComplete = ATC_LINKAGE_COMPLETE, kAverage = ATC_LINKAGE_AVERAGE };
 
 struct Edge {
   int64_t child, parent;  // first member (complete/average) or token (single) of each side
@@ -72,7 +78,7 @@ inline void parallel_for(int threads, int64_t n, int64_t chunk, const Body& body
   for (int64_t i = 0; i < n; ++i) body(i);
 }
 
-constexpr int64_t kMaxTokens = 65535;  // atc_det.native.MAX_TOKENS
+constexpr int64_t kMaxTokens = ATC_MAX_TOKENS;
 constexpr int64_t kTile = 16;  // distance tiles are kTile x kTile; matrix rows are padded to kTile
 
 inline int64_t round_up_to_tile(int64_t n) { return (n + kTile - 1) / kTile * kTile; }
@@ -718,12 +724,13 @@ void cluster_sample(T* d, int64_t N, int64_t ld, const int64_t* groups, int link
 // Either `distances` [B, N, N] (symmetric; overwritten) or `features` [B, N, C] (cosine distances
 // are computed per sample into the workspace) is given, the other is null. `num_merges` [B]: the
 // N - K merges of each sample (static stopping; null with use_threshold). Returns 0, 1 for bad
-// arguments, or 2 if a feature is NaN or Inf.
+// arguments, or ATC_STATUS_NON_FINITE if a feature is NaN or Inf.
 template <typename T>
 int cluster_batch(T* distances, const T* features, int64_t B, int64_t N, int64_t C, const int64_t* groups,
                   int linkage, const int64_t* num_merges, int use_threshold, double threshold,
                   int64_t* labels, int num_threads) {
-  if (N < 1 || N > kMaxTokens || linkage < 0 || linkage > 2 ||
+  if (N < 1 || N > kMaxTokens ||
+      (linkage != kSingle && linkage != kComplete && linkage != kAverage) ||
       (distances == nullptr) == (features == nullptr) || (use_threshold == 0 && num_merges == nullptr)) {
     return 1;
   }
@@ -752,7 +759,7 @@ int cluster_batch(T* distances, const T* features, int64_t B, int64_t N, int64_t
         d += (kAlign - reinterpret_cast<uintptr_t>(d) / sizeof(T) % kAlign) % kAlign;
         if (!cosine_distances(features + b * N * C, N, C, d, ld, w)) {
 #pragma omp atomic write
-          status = 2;
+          status = ATC_STATUS_NON_FINITE;
           continue;
         }
       }

@@ -1,7 +1,7 @@
-"""Native CPU kernel of the clustering core (``csrc/rnn_rounds.cpp``), built on first use.
+"""Native CPU backend of the clustering core (``csrc/rnn_rounds.cpp``), built on first use.
 
-The kernel runs the same nearest-neighbour rounds, tie rules and cut as the torch code path in
-:mod:`atc_det.clustering`, one sample per thread, and returns the labels. It is compiled with the
+The kernel runs the same nearest-neighbour rounds, tie rules and cut as the torch backend
+(:mod:`atc_det.clustering.torch_rounds`), one sample per thread, and returns the labels. It is compiled with the
 system C++ compiler (``$CXX`` or ``g++``) into a cache directory (``$ATC_DET_NATIVE_CACHE`` or
 ``~/.cache/atc_det``), keyed by the source, the compiler and the CPU, and loaded with ctypes.
 """
@@ -24,24 +24,22 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from atc_det.clustering.contract import LINKAGE_CODES, NATIVE_MAX_TOKENS, non_finite_error
+
 SOURCE = Path(__file__).with_name("csrc") / "rnn_rounds.cpp"
-LINKAGE_CODES = {"single": 0, "complete": 1, "average": 2}
-MAX_TOKENS = 65535  # largest N the kernel accepts (it holds a dense [N, N] matrix per sample)
 NON_FINITE = 2  # kernel status: a feature is NaN or Inf
+# The constants the kernel shares with the other backends, as compiler definitions.
+_DEFINES = [f"-DATC_LINKAGE_{name.upper()}={code}" for name, code in LINKAGE_CODES.items()] + [
+    f"-DATC_MAX_TOKENS={NATIVE_MAX_TOKENS}", f"-DATC_STATUS_NON_FINITE={NON_FINITE}"]
 # No floating-point contraction: average linkage rounds as the Triton kernel does (no FMA).
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"] + (
-    ["-mprefer-vector-width=512"] if platform.machine() == "x86_64" else [])
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off",
+          *_DEFINES] + (["-mprefer-vector-width=512"] if platform.machine() == "x86_64" else [])
 _library: ctypes.CDLL | None = None
 _build_error: str | None = None
 
 
 class NativeUnavailable(RuntimeError):
     """The native kernel could not be built or loaded (message says why and what to do)."""
-
-
-def non_finite_error(name: str) -> ValueError:
-    """The one error for NaN / Inf token features (raised here and by the torch path's check)."""
-    return ValueError(f"{name} contains NaN or Inf values; clean the features first")
 
 
 def _compiler() -> str:
@@ -180,8 +178,8 @@ def cluster(linkage: str, num_merges: Tensor | None, threshold: float | None, gr
                         f"{data.device}")
     data = data.contiguous()
     batch, num_tokens = data.shape[:2]
-    if num_tokens > MAX_TOKENS:
-        raise ValueError(f"native clustering supports at most {MAX_TOKENS} tokens, got "
+    if num_tokens > NATIVE_MAX_TOKENS:
+        raise ValueError(f"native clustering supports at most {NATIVE_MAX_TOKENS} tokens, got "
                          f"{num_tokens}; pass backend='torch'")
     labels = torch.empty(batch, num_tokens, dtype=torch.long)
     if batch == 0:
