@@ -1,7 +1,7 @@
 """Triton GPU backend of the clustering core: one program per sample, one launch per call.
 
-The kernel runs the rounds of :mod:`atc_det.clustering.native` (the C++ kernel) with the same tie rules, the
-same arithmetic and the same cut, so it returns the same labels for the same distances:
+The kernel runs the rounds of :mod:`atc_det.clustering.native` (the C++ kernel) with the same tie
+rules, the same round arithmetic and the same cut:
 
 1. distances: given (upper triangle), or cosine distances ``max(1 - <x_i, x_j> / |x_i| |x_j|, 0)``
    of the features (``tl.dot`` in IEEE float32, each 16 x 16 tile once, stored on both sides);
@@ -18,10 +18,28 @@ same arithmetic and the same cut, so it returns the same labels for the same dis
    dynamic: every merge with height <= threshold. Components by hooking and pointer jumping;
    clusters numbered by first member.
 
-Floating-point contraction is off (``enable_fp_fusion=False``, the C++ kernel is built with
-``-ffp-contract=off``) and the size weights are divided exactly, so average linkage rounds the
-same way on both. Nothing here synchronises with the host. Tests run the kernel on CPU tensors
-through Triton's interpreter (``TRITON_INTERPRET=1``, set before ``triton`` is imported).
+What is guaranteed, and what is not:
+
+- On the same distances (``distances=``) the labels equal the C++ kernel's, bit for bit: the rounds
+  only compare, take maxima and apply Lance-Williams updates, with floating-point contraction off
+  on both sides (``enable_fp_fusion=False``; the C++ kernel is built with ``-ffp-contract=off``)
+  and the size weights divided exactly.
+- From features (``features=``) each backend computes the cosine distances itself, and the dot
+  products round differently: on a GPU ``tl.dot`` compiles to one FMA chain over the channels,
+  Triton's interpreter rounds once per 16-wide chunk, the C++ kernel sums in its own order. The
+  distances may differ in the last bits, so from features the guarantee is SciPy's partition on
+  distances that are not near-tied, not the C++ kernel's labels. (Features whose cosine distances
+  are exact, e.g. +-1 entries, give the same distances everywhere, hence the same labels.)
+
+Scratch memory per sample: the ``[P, P]`` matrix and two tables of vectors of length P, one int32
+and one float, whose rows are named in :data:`INT_VECTORS` / :data:`FLOAT_VECTORS`; the launcher
+sizes the tables from them and the kernel reads each row index as a constexpr global
+``ROW_<name>``, as it reads the linkage codes of :data:`~atc_det.clustering.contract.LINKAGE_CODES`
+(``LINKAGE_SINGLE`` ...). Per-sample offsets are 64-bit (the program id is widened to int64), so
+``B * P * P`` and ``B * N * C`` may exceed 2**31. Nothing here synchronises with the host. Tests
+run the kernel on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, set before
+``triton`` is imported); what the interpreter cannot show (races, int32 overflow, GPU rounding)
+is tested on a GPU by ``tests/test_cuda.py``.
 """
 
 from __future__ import annotations
@@ -33,10 +51,25 @@ from torch import Tensor
 
 from atc_det.clustering.contract import LINKAGE_CODES, TRITON_MAX_TOKENS
 
-NUM_WARPS = 4
+NUM_WARPS = 4  # warps per program unless ``cluster(..., num_warps=)`` says otherwise
+WARP_CHOICES = (1, 2, 4, 8, 16, 32)
 MAX_REGISTERS = 255  # per thread; without the cap ptxas spills a few bytes at N = 196
-_INT_SCRATCH = 16  # int32 vectors of length P per sample
-_FLOAT_SCRATCH = 8  # float vectors of length P per sample
+REGISTER_FILE = 65536  # 32-bit registers one program (thread block) may use, sm_80 and sm_90
+# The per-sample scratch vectors (length P each), by name: its row in the int32 table
+# [B, len(INT_VECTORS), P] or in the float table [B, len(FLOAT_VECTORS), P] is its index here.
+INT_VECTORS = (
+    "ACTIVE", "RANK", "NEAREST", "PARTNER", "IS_A",  # pair rounds (complete / average)
+    "CLUSTER", "NEAREST_CLUSTER", "EDGE_PAIR", "TIE_KEY", "TREE_ROOT", "LOWEST_MEMBER",
+    "NEW_INDEX",  # Borůvka rounds (single)
+    "EDGE_CHILD", "EDGE_PARENT", "KEPT", "ROOT", "FIRST",  # the merges and the cut
+)
+FLOAT_VECTORS = (
+    "NEAREST_DIST", "SIZE", "OWN_HEIGHT", "WEIGHT",  # pair rounds
+    "TOKEN_MIN", "BEST",  # Borůvka rounds
+    "EDGE_HEIGHT",  # the merges
+)
+SCRATCH_ROWS = {name: row for names in (INT_VECTORS, FLOAT_VECTORS) for row, name in enumerate(names)}
+assert len(SCRATCH_ROWS) == len(INT_VECTORS) + len(FLOAT_VECTORS), "scratch vector names must be unique"
 _import_error: str | None = None
 
 try:
@@ -61,10 +94,12 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def launch_options() -> dict:
-    """Compiler options of every launch: no FP contraction (rounding as the C++ kernel), and the
-    register cap (see ``benchmarks/triton_compile_report.py``)."""
-    return {"enable_fp_fusion": False, "maxnreg": MAX_REGISTERS}
+def launch_options(num_warps: int = NUM_WARPS) -> dict:
+    """Compiler options of a launch with ``num_warps`` warps: no FP contraction (rounding as the
+    C++ kernel), and the register cap: 255 per thread, lowered so that one program's threads fit
+    an SM's 65536 registers (a program that asks for more does not launch; see
+    ``benchmarks/triton_compile_report.py``)."""
+    return {"enable_fp_fusion": False, "maxnreg": min(MAX_REGISTERS, REGISTER_FILE // (32 * num_warps))}
 
 
 def padded_size(num_tokens: int) -> int:
@@ -78,6 +113,15 @@ def chunk_rows(size: int) -> int:
 
 
 if triton is not None:
+    # What the kernel reads as constexpr globals (jit code reads no other globals): each scratch
+    # vector's row ``ROW_<name>``, the tables' sizes and the linkage codes of the contract.
+    for _name, _row in SCRATCH_ROWS.items():
+        globals()[f"ROW_{_name}"] = tl.constexpr(_row)
+    INT_ROWS = tl.constexpr(len(INT_VECTORS))
+    FLOAT_ROWS = tl.constexpr(len(FLOAT_VECTORS))
+    LINKAGE_SINGLE = tl.constexpr(LINKAGE_CODES["single"])
+    LINKAGE_COMPLETE = tl.constexpr(LINKAGE_CODES["complete"])
+    LINKAGE_AVERAGE = tl.constexpr(LINKAGE_CODES["average"])
 
     @triton.jit
     def _barrier():
@@ -143,9 +187,9 @@ if triton is not None:
     def _lance_williams(u, v, wb, LINKAGE: tl.constexpr):
         """Distance to the union of a pair from the distances to its clusters (``wb``: weight of
         the absorbed cluster, as the C++ kernel rounds it)."""
-        if LINKAGE == 1:
+        if LINKAGE == LINKAGE_COMPLETE:
             return tl.maximum(u, v)
-        return u * (1.0 - wb) + v * wb
+        return u * (1.0 - wb) + v * wb  # LINKAGE_AVERAGE
 
     @triton.jit
     def _pair_rounds(D, IS, FS, EC, EP, EH, N, num_merges, threshold, LINKAGE: tl.constexpr,
@@ -155,8 +199,10 @@ if triton is not None:
         offs = tl.arange(0, P)
         ro = tl.arange(0, ROWS)
         inf = float("inf")
-        A, R, NN, PART, ISA = IS, IS + P, IS + 2 * P, IS + 3 * P, IS + 4 * P
-        ND, SZ, OH, W = FS, FS + P, FS + 2 * P, FS + 3 * P
+        A, R, NN = IS + ROW_ACTIVE * P, IS + ROW_RANK * P, IS + ROW_NEAREST * P
+        PART, ISA = IS + ROW_PARTNER * P, IS + ROW_IS_A * P
+        ND, SZ = FS + ROW_NEAREST_DIST * P, FS + ROW_SIZE * P
+        OH, W = FS + ROW_OWN_HEIGHT * P, FS + ROW_WEIGHT * P
         tl.store(A + offs, (offs < N).to(tl.int32))
         tl.store(SZ + offs, tl.full((P,), 1.0, SZ.dtype.element_ty))
         tl.store(OH + offs, tl.full((P,), -inf, OH.dtype.element_ty))
@@ -251,10 +297,11 @@ if triton is not None:
         """PTR[i] <- root of i in the forest PTR (roots point at themselves; depth < 2**LOG_P)."""
         offs = tl.arange(0, P)
         for _ in tl.static_range(LOG_P):
-            _barrier()
+            _barrier()  # earlier stores to PTR are visible
             pointer = tl.load(PTR + offs)
-            _barrier()
-            tl.store(PTR + offs, tl.load(PTR + pointer))
+            root = tl.load(PTR + pointer)
+            _barrier()  # every thread has read before any thread writes
+            tl.store(PTR + offs, root)
         _barrier()
 
     @triton.jit
@@ -267,9 +314,10 @@ if triton is not None:
         ro = tl.arange(0, ROWS)
         inf = float("inf")
         BIG = 2147483647
-        CL, NN, PAIR, TK, ROOT, LOW, NI = (IS, IS + P, IS + 2 * P, IS + 3 * P, IS + 4 * P,
-                                           IS + 5 * P, IS + 6 * P)
-        TM, BEST = FS, FS + P
+        CL, NN, PAIR = IS + ROW_CLUSTER * P, IS + ROW_NEAREST_CLUSTER * P, IS + ROW_EDGE_PAIR * P
+        TK, ROOT, LOW = IS + ROW_TIE_KEY * P, IS + ROW_TREE_ROOT * P, IS + ROW_LOWEST_MEMBER * P
+        NI = IS + ROW_NEW_INDEX * P
+        TM, BEST = FS + ROW_TOKEN_MIN * P, FS + ROW_BEST * P
         tl.store(CL + offs, tl.where(offs < N, offs, -1))
         n_edges = 0
         n = N
@@ -347,14 +395,15 @@ if triton is not None:
                         HAS_GROUPS: tl.constexpr, USE_THRESHOLD: tl.constexpr, P: tl.constexpr,
                         ROWS: tl.constexpr, LOG_P: tl.constexpr):
         """One sample per program: distances, rounds, cut, first-member labels."""
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # every per-sample offset in 64 bits
         offs = tl.arange(0, P)
         ro = tl.arange(0, ROWS)
-        D = D + b.to(tl.int64) * P * P
-        IS = IS + b * (16 * P)
-        FS = FS + b * (8 * P)
-        EC, EP, KEPT, ROOT, FIRST = IS + 8 * P, IS + 9 * P, IS + 10 * P, IS + 11 * P, IS + 12 * P
-        EH = FS + 4 * P
+        D = D + b * P * P
+        IS = IS + b * (INT_ROWS * P)
+        FS = FS + b * (FLOAT_ROWS * P)
+        EC, EP, KEPT = IS + ROW_EDGE_CHILD * P, IS + ROW_EDGE_PARENT * P, IS + ROW_KEPT * P
+        ROOT, FIRST = IS + ROW_ROOT * P, IS + ROW_FIRST * P
+        EH = FS + ROW_EDGE_HEIGHT * P
         _distances(D, X, G, b, N, C, stride_xb, stride_xn, DIST, stride_db, stride_dn, FEATURES,
                    HAS_GROUPS, P)
         if USE_THRESHOLD:
@@ -364,7 +413,7 @@ if triton is not None:
             threshold = 0.0
             num_merges = tl.load(K + b)
         _barrier()
-        if LINKAGE == 0:
+        if LINKAGE == LINKAGE_SINGLE:
             n_edges = _boruvka_rounds(D, IS, FS, EC, EP, EH, N, num_merges, threshold,
                                       USE_THRESHOLD, P, ROWS, LOG_P)
         else:
@@ -406,15 +455,19 @@ if triton is not None:
 
 
 def cluster(linkage: str, num_merges: Tensor | None, threshold: float | None, groups: Tensor | None,
-            *, distances: Tensor | None = None, features: Tensor | None = None) -> Tensor:
+            *, distances: Tensor | None = None, features: Tensor | None = None,
+            num_warps: int = NUM_WARPS) -> Tensor:
     """Labels [B, N] int64 (first-member order), from exactly one of ``distances`` [B, N, N]
     (symmetric; the upper triangle is used) or ``features`` [B, N, C] (float32; cosine distances
     inside). ``num_merges`` [B] int (static: the N - K lowest merges per sample) or ``threshold``;
-    ``groups`` [B, N] int: tokens of different groups never merge. All on one device: CUDA, or
-    CPU under ``TRITON_INTERPRET=1``. One kernel launch; no host synchronisation."""
+    ``groups`` [B, N] int: tokens of different groups never merge. ``num_warps``: warps per
+    program (one of :data:`WARP_CHOICES`). All on one device: CUDA, or CPU under
+    ``TRITON_INTERPRET=1``. One kernel launch; no host synchronisation."""
     if triton is None:
         raise RuntimeError(f"backend='triton' needs triton (it comes with PyTorch's CUDA builds): "
                            f"{_import_error}")
+    if num_warps not in WARP_CHOICES:
+        raise ValueError(f"num_warps must be one of {WARP_CHOICES}, got {num_warps!r}")
     data = features if distances is None else distances
     if data.device.type != "cuda" and not interpreted():
         raise ValueError(f"backend='triton' runs on CUDA tensors (or on CPU tensors with "
@@ -433,14 +486,15 @@ def cluster(linkage: str, num_merges: Tensor | None, threshold: float | None, gr
                         f"{features.dtype}; pass float32 features or distances")
     device = data.device
     scratch = torch.empty(batch, size, size, dtype=dtype, device=device)
-    int_scratch = torch.empty(batch, _INT_SCRATCH, size, dtype=torch.int32, device=device)
-    float_scratch = torch.empty(batch, _FLOAT_SCRATCH, size, dtype=dtype, device=device)
+    int_scratch = torch.empty(batch, len(INT_VECTORS), size, dtype=torch.int32, device=device)
+    float_scratch = torch.empty(batch, len(FLOAT_VECTORS), size, dtype=dtype, device=device)
     data = data.contiguous()
     dummy = scratch  # pointer for the unused one of X / DIST / G / K
-    merges = dummy if num_merges is None else num_merges.to(device=device, dtype=torch.int32,
-                                                            non_blocking=True)
+    # The kernel reads K [B] and groups [B, N] as dense int32 (an expanded or strided K is copied).
+    merges = dummy if num_merges is None else num_merges.to(
+        device=device, dtype=torch.int32, non_blocking=True).contiguous()
     group_ids = dummy if groups is None else groups.to(torch.int32).contiguous()
-    options = {} if interpreted() else launch_options()
+    options = {} if interpreted() else launch_options(num_warps)
     _cluster_kernel[(batch,)](
         data if features is not None else dummy, data if distances is not None else dummy,
         group_ids, merges, labels, scratch, int_scratch, float_scratch, num_tokens,
@@ -449,6 +503,6 @@ def cluster(linkage: str, num_merges: Tensor | None, threshold: float | None, gr
         data.stride(0) if distances is not None else 0, data.stride(1) if distances is not None else 0,
         dummy if threshold is None else torch.full((1,), threshold, dtype=dtype, device=device),
         LINKAGE=LINKAGE_CODES[linkage], FEATURES=features is not None, HAS_GROUPS=groups is not None,
-        USE_THRESHOLD=threshold is not None, P=size, ROWS=chunk_rows(size), LOG_P=size.bit_length(), num_warps=NUM_WARPS,
-        **options)
+        USE_THRESHOLD=threshold is not None, P=size, ROWS=chunk_rows(size), LOG_P=size.bit_length(),
+        num_warps=num_warps, **options)
     return labels
