@@ -21,6 +21,7 @@ timm's ``VisionTransformer``) and the entry point :func:`atc_det.apply_atc` shar
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from atc_det.clustering import LINKAGES
-from atc_det.registry import get_method, method_names
+from atc_det.registry import ClusteringMethod, get_method, method_names
 
 MODES = ("dense", "merge")
 METRICS = ("keys", "input")
@@ -43,7 +44,9 @@ class ReductionSettings:
     """How one block reduces its tokens (see the module docstring for each field's meaning).
 
     ``keep_rate`` None: the block clusters nothing and reuses the partition it is given (the
-    blocks after a reduction in merge mode).
+    blocks after a reduction in merge mode, label reuse in dense mode). ``cluster_fn``: the
+    method's function, looked up in the registry when the settings are made (when ``apply_atc``
+    runs), never inside a forward pass.
     """
 
     keep_rate: float | None
@@ -58,9 +61,13 @@ class ReductionSettings:
     rel_pos: str = "centroid"
     record_source: bool = False
     method_options: dict = field(default_factory=dict)
+    cluster_fn: ClusteringMethod = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.cluster_fn = get_method(self.method)
 
     @property
-    def clusters(self) -> bool:
+    def makes_partition(self) -> bool:
         """Whether this block clusters its input (False: it reuses the current partition)."""
         return self.keep_rate is not None or self.threshold is not None
 
@@ -179,62 +186,66 @@ PER_SAMPLE_K = ("atc",)
 
 class Partition(NamedTuple):
     """The clusters of a batch of groups: ``labels`` [G, T] in 0..num_slots-1, and per group (host
-    ints) its number of clusters (non-empty slots, labels 0..clusters-1) and of real clusters
+    ints) its number of clusters (non-empty slots, labels 0..count-1) and of real clusters
     (clusters of real tokens; the others hold its invalid tokens)."""
 
     labels: Tensor
     num_slots: int
-    clusters: list[int]
-    real_clusters: list[int]
+    cluster_counts: list[int]
+    real_cluster_counts: list[int]
 
 
-def cluster_tokens(metric: Tensor, valid: Tensor, settings: ReductionSettings, protected: int = 0,
-                   real_counts: Sequence[int] | None = None) -> Partition:
+def _clustering_call():
+    """The profiler range around one clustering call (eager only: a compiled graph has none)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(CLUSTERING_CALL)
+
+
+def cluster_tokens(metric: Tensor, valid: Tensor, settings: ReductionSettings,
+                   real_counts: Sequence[int], protected: int = 0) -> Partition:
     """Cluster each group's tokens.
 
     metric [G, T, D] clustering features, valid [G, T] (False: padding or empty slots, which
-    only cluster among themselves). A group with R real tokens keeps ``kept_tokens(keep_rate, R)``
-    clusters of them (plus the ``protected`` singletons and one cluster of its invalid tokens, if
-    any), so every group keeps the same fraction of its real tokens. ``real_counts``: R of each
-    group (after the protected tokens), known on the host from the shapes; then nothing here waits
-    for the device (None: counted from ``valid``, one synchronisation). ATC clusters all groups in
-    one call with one K per group; other methods take one call per distinct K. With
-    ``threshold``, K varies with the data: the counts cost one synchronisation.
+    only cluster among themselves). ``real_counts``: R, each group's real tokens after the
+    ``protected`` ones (host ints, known from the shapes). A group keeps
+    ``kept_tokens(keep_rate, R)`` clusters of its real tokens, plus the protected singletons and
+    one cluster of its invalid tokens, if any, so every group keeps the same fraction of its real
+    tokens. Nothing here reads the device: ATC clusters all groups in one call (one op) with one
+    K per group; other methods take one call per distinct K. With ``threshold``, K varies with
+    the data: the counts cost one synchronisation (a graph break under ``torch.compile``).
     """
     s = settings
     groups, num_tokens = int(metric.shape[0]), int(metric.shape[1])
-    if real_counts is None:
-        real_counts = valid[:, protected:].sum(-1).tolist()
     real_counts = list(real_counts)
     if s.keeps_all:
         labels = torch.arange(num_tokens, device=metric.device).expand(groups, num_tokens)
         return Partition(labels, num_tokens, [num_tokens] * groups,
                          [protected + count for count in real_counts])
-    cluster = get_method(s.method)
     options = dict(s.method_options, protected=protected)
     with torch.no_grad():
         # Identical invalid features: the padding of a window merges into one cluster first.
         metric = metric.float().masked_fill(~valid[..., None], 1.0)
         if s.threshold is not None:
-            with torch.profiler.record_function(CLUSTERING_CALL):
-                labels = cluster(metric, None, valid=valid, threshold=s.threshold, **options)
-            clusters = labels.amax(1) + 1
+            with _clustering_call():
+                labels = s.cluster_fn(metric, None, valid=valid, threshold=s.threshold, **options)
+            counts = labels.amax(1) + 1
             real = valid.new_zeros(labels.shape).scatter_(1, labels, valid).sum(1)
-            clusters, real = clusters.tolist(), real.tolist()
-            return Partition(labels, max(clusters), clusters, real)
+            counts, real = counts.tolist(), real.tolist()
+            return Partition(labels, max(counts), counts, real)
         kept = [protected + (kept_tokens(s.keep_rate, count) if count else 0) for count in real_counts]
-        clusters = [k + int(count < num_tokens - protected) for k, count in zip(kept, real_counts)]
+        counts = [k + int(count < num_tokens - protected) for k, count in zip(kept, real_counts)]
         if s.method in PER_SAMPLE_K:
-            with torch.profiler.record_function(CLUSTERING_CALL):
-                labels = cluster(metric, torch.tensor(clusters), valid=valid, **options)
+            with _clustering_call():
+                labels = s.cluster_fn(metric, torch.tensor(counts), valid=valid, **options)
         else:
             labels = torch.empty(groups, num_tokens, dtype=torch.long, device=metric.device)
-            for k in sorted(set(clusters)):
-                select = torch.tensor([g for g in range(groups) if clusters[g] == k])
+            for k in sorted(set(counts)):
+                select = torch.tensor([g for g in range(groups) if counts[g] == k])
                 select = select.to(metric.device, non_blocking=True)
-                with torch.profiler.record_function(CLUSTERING_CALL):
-                    labels[select] = cluster(metric[select], k, valid=valid[select], **options)
-    return Partition(labels, max(clusters), clusters, kept)
+                with _clustering_call():
+                    labels[select] = s.cluster_fn(metric[select], k, valid=valid[select], **options)
+    return Partition(labels, max(counts), counts, kept)
 
 
 def cluster_attention_bias(size: Tensor, prop_attn: bool) -> Tensor:

@@ -7,7 +7,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from atc_det import apply_atc
 from atc_det.modeling.atc_vit import ATCBlock, collect_source_maps, group_tokens, window_real_counts
-from atc_det.clustering import CLUSTERING_CALL
+from atc_det.reduction import CLUSTERING_CALL
 from conftest import small_vit, vit_features
 
 # Ops that copy a device value to the host (or whose output size depends on the data).

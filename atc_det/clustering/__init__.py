@@ -18,8 +18,8 @@ from atc_det.clustering.contract import (
     relabel_by_first_member,
     token_groups,
 )
-from atc_det.clustering.dispatch import CLUSTERING_CALL, agglomerative_clustering, clustering_op
+from atc_det.clustering.dispatch import agglomerative_clustering, clustering_op
 
-__all__ = ["BACKENDS", "CLUSTERING_CALL", "LINKAGES", "agglomerative_clustering", "check_tokens",
+__all__ = ["BACKENDS", "LINKAGES", "agglomerative_clustering", "check_tokens",
            "clustering_op", "cosine_distances", "first_member_labels", "relabel_by_first_member",
            "token_groups"]

@@ -36,7 +36,6 @@ from atc_det.clustering.contract import (
     token_groups,
 )
 
-CLUSTERING_CALL = "atc_det.clustering_call"  # profiler range of each call of a clustering method
 _warned: set[str] = set()
 
 
@@ -80,8 +79,7 @@ def clustering_op(data: Tensor, from_distances: bool, num_clusters: Tensor | Non
     """Labels [B, N] int64 of ``data``: features [B, N, C] or (``from_distances``) distances
     [B, N, N]; K [B] (``num_clusters``) or ``threshold``; ``groups`` [B, N] int64 or None. The
     arguments' types and shapes are checked by :func:`agglomerative_clustering`; the values here."""
-    with torch.profiler.record_function(CLUSTERING_CALL):
-        return _cluster(data, from_distances, num_clusters, threshold, groups, linkage, backend)
+    return _cluster(data, from_distances, num_clusters, threshold, groups, linkage, backend)
 
 
 @clustering_op.register_fake

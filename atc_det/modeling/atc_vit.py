@@ -233,47 +233,40 @@ class ATCBlock(Block):
         clusters: the new labels are the composition.
         """
         s = self._atc
-        if s.mode == "dense" and not s.clusters:  # label reuse: the last clustering block's
+        if s.mode == "dense" and not s.makes_partition:  # label reuse: the last clustering block's
             part = self._atc_state["partition"]
         elif s.mode == "dense" or self._atc_first:
             normed = self.norm1(tokens) * valid[..., None]  # padding enters attention as zeros
             part = cluster_tokens(self._cluster_metric(normed), valid, s, real_counts=real_counts)
         else:
             part = self._atc_state["partition"]
-            if s.clusters:
+            if s.makes_partition:
                 merged, _ = merge_tokens(tokens, part.labels, part.num_slots, check_labels=False)
                 # Real and padding tokens never share a cluster: a slot is real if a member is.
                 real = valid.new_zeros(valid.shape[0], part.num_slots).scatter_(1, part.labels, valid)
                 normed = self.norm1(merged) * real[..., None]
                 coarse = cluster_tokens(self._cluster_metric(normed), real, s,
-                                        real_counts=part.real_clusters)
+                                        real_counts=part.real_cluster_counts)
                 part = coarse._replace(labels=coarse.labels.gather(1, part.labels))
         self._atc_state["partition"] = part
         return part
 
-    def _keeps_everything(self) -> bool:
-        """Dense mode with nothing to merge (keep rate 1, or label reuse after such a block): the
-        block is the stock block (the merged-token path would give the same output, slower)."""
+    def forward(self, x: Tensor) -> Tensor:
         s = self._atc
-        if s.mode != "dense" or s.record_source:
-            return False
-        if s.clusters:
+        if s.mode == "dense" and not s.record_source:
+            # Nothing to merge (keep rate 1, or label reuse after such a block): the stock block
+            # (the merged-token path would give the same output, slower).
             if s.keeps_all:
                 self._atc_state["partition"] = None
-            return s.keeps_all
-        return self._atc_state.get("partition", ()) is None
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self._keeps_everything():
-            return Block.forward(self, x)
-        s = self._atc
+            if s.keeps_all or (not s.makes_partition and self._atc_state.get("partition", ()) is None):
+                return Block.forward(self, x)
         B, H, W, C = x.shape
         windowed = self.window_size > 0
         group = self.window_size if windowed else (s.window_size if s.scope == "window" else 0)
         tokens, valid, coords, pad_hw = group_tokens(x, group)
         part = self._partition(tokens, valid, window_real_counts(H, W, group) * B)
         labels, K = part.labels, part.num_slots
-        identity = K == tokens.shape[1] and all(c == K for c in part.clusters)
+        identity = K == tokens.shape[1] and all(c == K for c in part.cluster_counts)
 
         merged, size = merge_tokens(tokens, labels, K, check_labels=False)
         if windowed:
@@ -299,10 +292,10 @@ class ATCBlock(Block):
         # clusters masked out as keys (their outputs are dropped).
         key_bias = cluster_attention_bias(size, s.prop_attn)
         if windowed:
-            slot, position, length = attention_layout(size > 0, part.clusters)
+            slot, position, length = attention_layout(size > 0, part.cluster_counts)
         else:
-            groups = len(part.clusters) // B
-            counts = part.real_clusters if identity else part.clusters
+            groups = len(part.cluster_counts) // B
+            counts = part.real_cluster_counts if identity else part.cluster_counts
             per_image = [sum(counts[i * groups:(i + 1) * groups]) for i in range(B)]
             slot, position, length = attention_layout(real if identity else size > 0, per_image)
             if not identity:
@@ -430,7 +423,7 @@ def apply_atc(
         keep = dict(zip(block_ids, rates))
         block_ids = list(range(block_ids[0], len(vit.blocks)))
         rates = [keep.get(index) for index in block_ids]
-    state: dict = {}
+    state: dict = {"partition": None}  # the current partition (merge mode, label reuse)
     for index, rate in zip(block_ids, rates):
         block, how = unwrapped_block(vit.blocks[index])
         block.__class__ = ATCBlock

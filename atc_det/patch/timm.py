@@ -105,7 +105,7 @@ class _ATCBlock:
         s, info = self._atc, self._atc_info
         if s.keeps_all:
             info["partition"] = None  # nothing to merge, here and in the blocks that reuse this
-        elif s.clusters:
+        elif s.makes_partition:
             normed = self.norm1(x)
             metric = normed
             if s.metric == "keys":
@@ -133,7 +133,8 @@ def _dense_partition(metric: Tensor, settings: ReductionSettings, info: dict) ->
     num_prefix = info["num_prefix_tokens"]
     if settings.scope == "image":
         valid = torch.ones(metric.shape[:2], dtype=torch.bool, device=metric.device)
-        return cluster_tokens(metric, valid, settings, protected=num_prefix)[:2]
+        real_counts = [metric.shape[1] - num_prefix] * metric.shape[0]
+        return cluster_tokens(metric, valid, settings, real_counts, protected=num_prefix)[:2]
     labels, num_slots = _window_labels(metric[:, num_prefix:], info["grid"], settings, num_prefix)
     prefix = torch.arange(num_prefix, device=labels.device).expand(labels.shape[0], -1)
     return torch.cat([prefix, labels], 1), num_slots
@@ -153,19 +154,23 @@ def _window_labels(metric: Tensor, grid: tuple[int, int], settings: ReductionSet
     tokens, valid, _, pad_hw = group_tokens(metric.reshape(batch, height, width, -1), window_size)
     part = cluster_tokens(tokens, valid, settings,
                           real_counts=window_real_counts(height, width, window_size) * batch)
-    starts, num_slots = window_slot_starts(part.clusters, part.labels.shape[0] // batch, offset)
+    starts, num_slots = window_slot_starts(part.cluster_counts, part.labels.shape[0] // batch, offset)
     first_slot = torch.tensor(starts).to(metric.device, non_blocking=True)
     labels = ungroup_tokens((part.labels + first_slot[:, None])[..., None], window_size, pad_hw, grid)
     return labels.reshape(batch, num_tokens), num_slots
 
 
 def _merge(x: Tensor, metric: Tensor, settings: ReductionSettings, info: dict) -> Tensor:
-    """Cluster x [B, P + n, C] to [B, P + k, C] (merge mode); update info's size and source."""
+    """Cluster x [B, P + n, C] to [B, P + k, C] (merge mode); update info's size, source and
+    real token counts (host ints: nothing is read back from the device)."""
     num_prefix = info["num_prefix_tokens"]
     size = info["size"]
     valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if size is None else size > 0
-    labels, num_clusters = cluster_tokens(metric, valid, settings, protected=num_prefix)[:2]
-    x, info["size"] = merge_tokens(x, labels, num_clusters, size)
+    real_counts = info["real_counts"] or [x.shape[1] - num_prefix] * x.shape[0]
+    part = cluster_tokens(metric, valid, settings, real_counts, protected=num_prefix)
+    labels = part.labels
+    x, info["size"] = merge_tokens(x, labels, part.num_slots, size, check_labels=False)
+    info["real_counts"] = [count - num_prefix for count in part.real_cluster_counts]
     info["source"] = compose_source(info["source"], labels[:, num_prefix:] - num_prefix)
     return x
 
@@ -175,7 +180,7 @@ class _ATCVisionTransformer:
 
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None,
                          is_causal: bool = False) -> Tensor:
-        self._atc_info.update(size=None, source=None)
+        self._atc_info.update(size=None, source=None, real_counts=None)
         return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
 
 
@@ -253,7 +258,8 @@ def apply_atc_timm(
     options = {"linkage": linkage, **method_options} if method == "atc" else method_options
     rate_of = dict(zip(block_ids, rates))
     model._atc_info = dict(prop_attn=prop_attn, num_prefix_tokens=model.num_prefix_tokens,
-                           grid=tuple(model.patch_embed.grid_size), size=None, source=None)
+                           grid=tuple(model.patch_embed.grid_size), size=None, source=None,
+                           real_counts=None)
     if mode == "merge":
         _swap_class(model, _ATCVisionTransformer)
     for index, block in enumerate(model.blocks):
