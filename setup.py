@@ -12,7 +12,7 @@ from setuptools import find_packages, setup
 # What tests/ and benchmarks/fixtures/ (DINOv2 ONNX conversion, annotated photos) import, plus
 # pkg_resources for detectron2.model_zoo (gone from setuptools 81).
 TEST = ["pytest", "pytest-timeout", "scipy", "scikit-learn", "onnx", "onnxruntime", "safetensors",
-        "imgviz", "setuptools<81"]
+        "imgviz", "segment-anything", "setuptools<81"]
 
 setup(
     name="atc_det",
@@ -27,6 +27,7 @@ setup(
                       "omegaconf", "hydra-core", "onnx", "safetensors"],
     extras_require={
         "opencv": ["opencv-python-headless"],
+        "sam": ["segment-anything"],
         "test": TEST,
         "bench": ["scipy", "scikit-learn", "fastcluster", "onnx", "onnxruntime", "safetensors", "imgviz"],
     },

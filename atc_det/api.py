@@ -1,7 +1,8 @@
 """One entry point for every framework: ``apply_atc`` / ``remove_atc`` and ``apply_sec`` /
-``remove_sec`` take a Detectron2 ``ViT`` or a timm ``VisionTransformer`` with the same arguments
-and meanings (:mod:`atc_det.reduction`) and call that framework's adapter:
-:mod:`atc_det.modeling` (Detectron2) or :mod:`atc_det.patch.timm`. Neither framework is imported
+``remove_sec`` take a Detectron2 ``ViT``, Segment Anything's ``ImageEncoderViT`` (ATC) or a timm
+``VisionTransformer`` with the same arguments and meanings (:mod:`atc_det.reduction`) and call
+that framework's adapter: :mod:`atc_det.modeling` (Detectron2), :mod:`atc_det.patch.sam` or
+:mod:`atc_det.patch.timm`. Neither framework is imported
 until a model of it is given.
 """
 
@@ -14,12 +15,17 @@ from torch import nn
 
 
 def _framework(model: nn.Module) -> str:
-    """"detectron2" or "timm"; one TypeError for any other model."""
+    """"detectron2", "sam" or "timm"; one TypeError for any other model."""
     if "detectron2" in sys.modules:
         from detectron2.modeling import ViT
 
         if isinstance(model, ViT):
             return "detectron2"
+    if "segment_anything" in sys.modules:
+        from segment_anything.modeling.image_encoder import ImageEncoderViT
+
+        if isinstance(model, ImageEncoderViT):
+            return "sam"
     if "timm" in sys.modules:
         from timm.models.vision_transformer import VisionTransformer
 
@@ -27,7 +33,8 @@ def _framework(model: nn.Module) -> str:
             return "timm"
     raise TypeError(
         f"atc_det needs a Detectron2 ViT (detectron2.modeling.ViT, e.g. model.backbone.net of a "
-        f"ViTDet model) or a timm VisionTransformer, got {type(model).__name__}")
+        f"ViTDet model), Segment Anything's ImageEncoderViT (sam.image_encoder) or a timm "
+        f"VisionTransformer, got {type(model).__name__}")
 
 
 def apply_atc(
@@ -46,7 +53,7 @@ def apply_atc(
     """Token clustering in the chosen blocks of ``model``, in place (again: new settings).
 
     Args:
-        model: a Detectron2 ``ViT`` or a timm ``VisionTransformer``.
+        model: a Detectron2 ``ViT``, SAM's ``ImageEncoderViT`` or a timm ``VisionTransformer``.
         keep_rate: fraction of each reduction's input tokens kept (``int(keep_rate * T)``
             clusters), in (0, 1]; one value or one per block.
         linkage: "single", "complete" or "average" (method "atc").
@@ -57,7 +64,7 @@ def apply_atc(
         metric: "keys" (attention keys of the block's normalised input, heads averaged) or
             "input" (the normalised input).
         prop_attn: add log(cluster size) to the attention logits.
-        mode: "dense" (updates scattered back to the members; default for Detectron2) or
+        mode: "dense" (updates scattered back to the members; default for Detectron2 and SAM) or
             "merge" (tokens stay merged; default for timm).
         threshold: dynamic ATC stopping instead of the keep rate.
         options: ``cluster_blocks`` (label reuse, dense mode), ``scope`` ("window": cluster
@@ -68,10 +75,15 @@ def apply_atc(
     """
     arguments = dict(method=method, metric=metric, prop_attn=prop_attn, threshold=threshold,
                      **options)
-    if _framework(model) == "detectron2":
+    framework = _framework(model)
+    if framework == "detectron2":
         from atc_det.modeling import apply_atc as apply
 
         return apply(model, keep_rate, linkage, blocks, mode=mode or "dense", **arguments)
+    if framework == "sam":
+        from atc_det.patch.sam import apply_atc_sam
+
+        return apply_atc_sam(model, keep_rate, linkage, blocks, mode=mode or "dense", **arguments)
     from atc_det.patch.timm import apply_atc_timm
 
     if "rel_pos" in options:
@@ -82,10 +94,15 @@ def apply_atc(
 
 def remove_atc(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_atc` in place (a model without ATC is returned unchanged)."""
-    if _framework(model) == "detectron2":
+    framework = _framework(model)
+    if framework == "detectron2":
         from atc_det.modeling import remove_atc as remove
 
         return remove(model)
+    if framework == "sam":
+        from atc_det.patch.sam import remove_atc_sam
+
+        return remove_atc_sam(model)
     from atc_det.patch.timm import remove_atc_timm
 
     return remove_atc_timm(model)
@@ -102,7 +119,11 @@ def apply_sec(model: nn.Module, blocks: Sequence[int] | None = None, *, global_g
             windows of windowed blocks) and ``windowed_rel_pos``.
     Returns ``model``; :func:`remove_sec` undoes it.
     """
-    if _framework(model) == "detectron2":
+    framework = _framework(model)
+    if framework == "sam":
+        raise NotImplementedError("apply_sec does not take Segment Anything's image encoder yet; "
+                                  "use apply_atc, or apply_sec on a Detectron2 ViT")
+    if framework == "detectron2":
         from atc_det.modeling import apply_sec as apply
 
         return apply(model, blocks, global_groups=global_groups, **options)

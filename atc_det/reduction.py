@@ -13,7 +13,7 @@ timm's ``VisionTransformer``) and the entry point :func:`atc_det.apply_atc` shar
   the classification setting).
 - ``method``: a name of :mod:`atc_det.registry`; ``linkage`` is passed to ``"atc"``.
 - ``metric``: the features clustered: ``"keys"`` (the attention keys of the block's normalised
-  input, averaged over heads) or ``"input"`` (the normalised input itself).
+  input, averaged over heads) or ``"input"`` (the normalised input itself): :func:`cluster_metric`.
 - ``prop_attn``: proportional attention, log(cluster size) added to the attention logits.
 - ``threshold``: dynamic ATC stopping (merge while the linkage distance <= threshold) instead of
   a keep rate.
@@ -168,15 +168,23 @@ def kept_tokens(keep_rate: float, num_tokens: int) -> int:
     return max(1, math.floor(keep_rate * num_tokens))
 
 
-def head_mean_keys(normed: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None,
-                   num_heads: int) -> Tensor:
-    """Attention keys averaged over heads, [..., C] -> [..., C / heads], from a fused ``qkv``
-    linear layer's weight [3C, C] and bias [3C] (the same numbers as averaging all keys, at
-    1 / heads of the cost)."""
-    channels = normed.shape[-1]
-    weight = qkv_weight[channels: 2 * channels].reshape(num_heads, -1, channels).mean(0)
-    bias = None if qkv_bias is None else qkv_bias[channels: 2 * channels].reshape(num_heads, -1).mean(0)
-    return F.linear(normed, weight, bias)
+def cluster_metric(metric: str, normed: Tensor, attn: torch.nn.Module) -> Tensor:
+    """The features a block clusters, [..., T, C] -> [..., T, D]: ``"input"``: the normalised
+    tokens themselves; ``"keys"``: the attention keys of ``attn`` (a fused ``qkv`` linear layer,
+    ``num_heads``; timm's per-head ``k_norm`` if it has one) averaged over heads. Without a key
+    norm the head mean is taken of the weights first (the same numbers at 1 / heads of the cost)."""
+    if metric == "input":
+        return normed
+    channels, heads = normed.shape[-1], attn.num_heads
+    weight = attn.qkv.weight[channels: 2 * channels]
+    bias = None if attn.qkv.bias is None else attn.qkv.bias[channels: 2 * channels]
+    k_norm = getattr(attn, "k_norm", None)
+    if k_norm is None or isinstance(k_norm, torch.nn.Identity):
+        weight = weight.reshape(heads, -1, channels).mean(0)
+        bias = None if bias is None else bias.reshape(heads, -1).mean(0)
+        return F.linear(normed, weight, bias)
+    keys = F.linear(normed, weight, bias).unflatten(-1, (heads, -1))
+    return k_norm(keys).mean(-2)
 
 
 CLUSTERING_CALL = "atc_det.clustering_call"  # profiler range of each call of a clustering method
@@ -246,6 +254,12 @@ def cluster_tokens(metric: Tensor, valid: Tensor, settings: ReductionSettings,
                 with _clustering_call():
                     labels[select] = s.cluster_fn(metric[select], k, valid=valid[select], **options)
     return Partition(labels, max(counts), counts, kept)
+
+
+def merges_nothing(settings: ReductionSettings, reused: Partition | None) -> bool:
+    """Whether a dense block merges nothing, so that it is the stock block: it keeps every token
+    (keep rate 1), or it reuses the partition (label reuse) of such a block (``reused`` None)."""
+    return settings.keeps_all or (not settings.makes_partition and reused is None)
 
 
 def cluster_attention_bias(size: Tensor, prop_attn: bool) -> Tensor:

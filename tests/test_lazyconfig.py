@@ -80,7 +80,7 @@ def test_every_lazy_config_instantiates(name):
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
     schedule = instantiate(cfg.lr_multiplier)  # warm-up from 0.001, then 1, 0.1, 0.01
     assert (schedule(0.0), schedule(0.999)) == (pytest.approx(0.001), pytest.approx(0.01))
-    reduced = [type(b) is ATCBlock for b in model.backbone.net.blocks]
+    reduced = [isinstance(b, ATCBlock) for b in model.backbone.net.blocks]
     assert reduced == ([False] + [True] * (len(reduced) - 1) if "atc_" in name else [False] * len(reduced))
 
 
@@ -220,7 +220,7 @@ def test_official_format_checkpoint_loads_strictly_into_atc_config(kind, tmp_pat
     loaded = mine.state_dict()
     for key, value in theirs.state_dict().items():
         assert torch.equal(loaded[key], value), key
-    assert type(mine.backbone.net.blocks[1]) is ATCBlock
+    assert isinstance(mine.backbone.net.blocks[1], ATCBlock)
 
 
 @pytest.mark.parametrize("atc", [False, True])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from atc_det.modeling import apply_atc, apply_fast_attention
-from atc_det.modeling.atc_vit import (
+from atc_det.vitdet_block import (
     centroid_query_terms,
     interpolation_weights,
     rel_pos_mask,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+
 import torch.nn.functional as F
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
@@ -144,12 +145,16 @@ def test_proportional_attention_equals_attention_over_duplicates(model, referenc
     with torch.no_grad():
         tokens = reference_model.forward_features(pixels[:1])[:, :40]
         size = torch.randint(1, 5, (1, 40), generator=generator)
-        ours, keys = block.attn(tokens, key_bias=size.float().log())
+        ours = block.attn(tokens, key_bias=size.float().log())
         duplicated = tokens[:, torch.arange(40).repeat_interleave(size[0])]
         expected = Attention.forward(block.attn, duplicated)
+        # The clustering metric "keys": timm's keys (after its k_norm), averaged over heads.
+        keys = cluster_metric("keys", tokens, block.attn)
+        qkv = block.attn.qkv(tokens).reshape(1, 40, 3, block.attn.num_heads, block.attn.head_dim)
+        timm_keys = block.attn.k_norm(qkv.permute(2, 0, 3, 1, 4)[1]).mean(1)
     first_copies = torch.cumsum(size[0], 0) - size[0]
     torch.testing.assert_close(ours, expected[:, first_copies], rtol=0, atol=1e-5)
-    assert keys.shape == (1, 40, block.attn.head_dim)
+    torch.testing.assert_close(keys, timm_keys, rtol=1e-5, atol=1e-6)
 
 
 def _purity(model, photos, pixels, **settings):

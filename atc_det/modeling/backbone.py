@@ -7,7 +7,9 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, SimpleFeaturePyramid, ViT
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from .atc_vit import apply_atc_from_cfg, atc_arguments_from_cfg, check_atc_arguments
+from atc_det.vitdet_block import check_atc_arguments
+
+from .atc_vit import apply_atc_from_cfg, atc_arguments_from_cfg
 from .sec_attention import apply_sec_from_cfg, sec_arguments_from_cfg
 
 

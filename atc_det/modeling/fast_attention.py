@@ -2,8 +2,9 @@
 with ViTDet's decomposed relative positions given as its additive mask (the fallback path of
 segment-anything-fast). Speedups of the reduced models are quoted against this dense peer.
 
-``apply_fast_attention(vit)`` swaps the class of every ``Attention`` of a built Detectron2 ``ViT``
-for :class:`FastAttention` (same parameters and names, so checkpoints load as they are); the
+``apply_fast_attention(vit)`` puts the :class:`FastAttention` mixin over every ``Attention`` of a
+built Detectron2 ``ViT`` (:mod:`atc_det.patching`: same parameters and names, so checkpoints load
+as they are); the
 outputs equal Detectron2's up to rounding. ATC blocks run their own cluster attention either way.
 """
 from __future__ import annotations
@@ -14,6 +15,8 @@ from torch import Tensor
 
 from detectron2.modeling.backbone.utils import get_rel_pos
 from detectron2.modeling.backbone.vit import Attention, ViT
+
+from atc_det.patching import swap_class, unswap_class
 
 __all__ = ["FastAttention", "apply_fast_attention", "remove_fast_attention"]
 
@@ -33,8 +36,8 @@ def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor,
     return bias.reshape(q.shape[0], height * width, height * width)
 
 
-class FastAttention(Attention):
-    """Detectron2's ViT ``Attention`` computed by ``F.scaled_dot_product_attention``."""
+class FastAttention:
+    """Mixin for Detectron2's ViT ``Attention``: computed by ``F.scaled_dot_product_attention``."""
 
     def forward(self, x: Tensor) -> Tensor:
         B, H, W, _ = x.shape
@@ -53,16 +56,15 @@ def apply_fast_attention(vit: ViT) -> ViT:
     if not isinstance(vit, ViT):
         raise TypeError(f"apply_fast_attention needs a detectron2.modeling.ViT, got {type(vit).__name__}")
     for index, block in enumerate(vit.blocks):
-        if type(block.attn) not in (Attention, FastAttention):
+        if type(block.attn) is not Attention and not isinstance(block.attn, FastAttention):
             raise TypeError(f"vit.blocks[{index}].attn is a {type(block.attn).__name__}, not "
                             "Detectron2's Attention (remove_sec first)")
-        block.attn.__class__ = FastAttention
+        swap_class(block.attn, FastAttention, "FastAttention")
     return vit
 
 
 def remove_fast_attention(vit: ViT) -> ViT:
     """Undo :func:`apply_fast_attention` in place."""
     for block in vit.blocks:
-        if type(block.attn) is FastAttention:
-            block.attn.__class__ = Attention
+        unswap_class(block.attn, FastAttention)
     return vit

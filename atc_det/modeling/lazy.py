@@ -20,7 +20,9 @@ from detectron2.config import LazyCall
 from detectron2.modeling import ViT
 from omegaconf import DictConfig, OmegaConf
 
-from .atc_vit import apply_atc, check_atc_arguments
+from atc_det.vitdet_block import check_atc_arguments
+
+from .atc_vit import apply_atc
 
 _VIT_DEPTH = inspect.signature(ViT).parameters["depth"].default
 

