@@ -1,8 +1,9 @@
 """The one way atc_det patches a model: swap a module's class for a cached subclass that puts a
 mixin first (``ATCBlock`` over Detectron2's, SAM's or timm's ``Block``, ``FastAttention`` over
-Detectron2's ``Attention``, ...). Parameters, buffers and their names stay the module's own, so
-state dicts and checkpoints load unchanged; :func:`unswap_class` restores the original class.
-The ATC / SEC exclusivity check lives here too."""
+Detectron2's and SAM's ``Attention``, timm's SEC attention). Parameters, buffers and their names
+stay the module's own, so state dicts and checkpoints load unchanged; :func:`unswap_class`
+restores the original class. The ATC / SEC exclusivity check lives here too. (Detectron2's SEC
+attention is the exception: a module that takes over the attention's parameters.)"""
 
 from __future__ import annotations
 

@@ -83,6 +83,22 @@ def test_keep_one_equals_stock_and_remove_restores():
         torch.testing.assert_close(encoder(images), expected, rtol=0, atol=0)
 
 
+def test_sdpa_peer_equals_stock_sam_and_atc_runs_on_top():
+    from atc_det.patch.sam import apply_fast_attention_sam, remove_fast_attention_sam
+
+    encoder = sam_encoder()
+    images = torch.randn(1, 3, 320, 320, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = encoder(images)
+        apply_fast_attention_sam(encoder)
+        torch.testing.assert_close(encoder(images), expected, rtol=1e-4, atol=1e-4)
+        reduced = atc_det.apply_atc(copy.deepcopy(encoder), keep_rate=0.5)
+        plain = atc_det.apply_atc(sam_encoder(), keep_rate=0.5)
+        torch.testing.assert_close(reduced(images), plain(images), rtol=1e-4, atol=1e-4)
+        remove_fast_attention_sam(encoder)
+        assert type(encoder.blocks[0].attn).__name__ == "Attention"
+
+
 def test_one_clustering_call_per_reduced_block():
     encoder = atc_det.apply_atc(sam_encoder(), keep_rate=0.5, blocks=[1, 2, 3])
     images = torch.randn(1, 3, 320, 320)

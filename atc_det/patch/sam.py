@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from segment_anything.modeling.image_encoder import Block, ImageEncoderViT
+from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT
 
+from atc_det.sdpa_peer import patch_attention, unpatch_attention
 from atc_det.vitdet_block import apply_reduction, remove_reduction
 
-__all__ = ["apply_atc_sam", "remove_atc_sam"]
+__all__ = ["apply_atc_sam", "apply_fast_attention_sam", "remove_atc_sam", "remove_fast_attention_sam"]
 
 
 def apply_atc_sam(encoder: ImageEncoderViT, keep_rate: float | Sequence[float] = 0.5,
@@ -33,4 +34,20 @@ def apply_atc_sam(encoder: ImageEncoderViT, keep_rate: float | Sequence[float] =
 def remove_atc_sam(encoder: ImageEncoderViT) -> ImageEncoderViT:
     """Undo :func:`apply_atc_sam` in place."""
     remove_reduction(encoder.blocks, Block)
+    return encoder
+
+
+def apply_fast_attention_sam(encoder: ImageEncoderViT) -> ImageEncoderViT:
+    """The dense peer: every attention of SAM's image encoder through SDPA
+    (:class:`atc_det.sdpa_peer.FastAttention`), in place; reduced blocks keep their own."""
+    if not isinstance(encoder, ImageEncoderViT):
+        raise TypeError(f"apply_fast_attention_sam needs a segment_anything ImageEncoderViT, got "
+                        f"{type(encoder).__name__}")
+    patch_attention(encoder.blocks, Attention)
+    return encoder
+
+
+def remove_fast_attention_sam(encoder: ImageEncoderViT) -> ImageEncoderViT:
+    """Undo :func:`apply_fast_attention_sam` in place."""
+    unpatch_attention(encoder.blocks)
     return encoder
