@@ -236,7 +236,7 @@ class ATCBlock:
             part = self._atc_state["partition"]
         elif s.mode == "dense" or self._atc_first:
             normed = self.norm1(tokens) * valid[..., None]  # padding enters attention as zeros
-            part = cluster_tokens(cluster_metric(s.metric, normed, self.attn), valid, s, real_counts=real_counts)
+            part = cluster_tokens(cluster_metric(s.metric, normed, self.attn), valid, s, real_counts)
         else:
             part = self._atc_state["partition"]
             if s.makes_partition:
@@ -328,7 +328,6 @@ class ATCBlock:
             ids = (labels + torch.tensor(starts, device=x.device)[:, None])[..., None]
             self._atc_source_map = ungroup_tokens(ids, group, pad_hw, (H, W))[..., 0]
         return x
-
 
 
 # ---------------------------------------------------------------------------------------------
