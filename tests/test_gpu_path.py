@@ -40,6 +40,25 @@ def test_reduced_vit_forward_has_no_host_sync_outside_the_clustering_call(mode, 
     assert sum(e.name == CLUSTERING_CALL for e in events) == 2
 
 
+@pytest.mark.parametrize("mode, scope", [("merge", "image"), ("dense", "window"), ("dense", "image")])
+def test_timm_vit_forward_has_no_host_sync_outside_the_clustering_call(mode, scope):
+    """timm's adapter, merge mode included: the real-token counts follow from the shapes, nothing
+    is read back to the host outside the clustering calls."""
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=4).eval()
+    apply_atc(model, keep_rate=0.5, blocks=[1, 2], mode=mode, scope=scope)
+    images = torch.randn(2, 3, 224, 224)
+    vit_features(model, images)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        vit_features(model, images)
+    events = prof.events()
+    syncs = [e.name for e in events if (e.name in HOST_SYNCS or e.name.startswith("aten::unique"))
+             and not inside(e, CLUSTERING_CALL)]
+    assert not syncs, syncs
+    assert sum(e.name == CLUSTERING_CALL for e in events) == 2
+
+
 def test_window_real_counts_match_the_padding_of_detectron2_windows():
     """The host's count of real tokens per window equals the padding of Detectron2's
     ``window_partition`` (through group_tokens' valid mask)."""
