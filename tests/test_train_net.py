@@ -175,19 +175,3 @@ def test_bad_weights_in_two_processes_exit_2_without_traceback(small_toy, tmp_pa
     errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert errors and all("checkpoint keys don't match the model" in e for e in errors), errors
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--weights", "{tmp}/missing.pth"], "'{tmp}/missing.pth' not found: train the toy model first"),
-        (["--weights", "{tmp}/other_model.pth", "--config", "{tmp}/missing.yaml"],
-         "config file '{tmp}/missing.yaml' not found"),
-        (["--weights", "{tmp}/other_model.pth"], "checkpoint keys don't match the model"),
-    ],
-)
-def test_offshelf_bad_input_is_one_clear_error(args, message, tmp_path, small_toy, tool_error):
-    other_model_weights(tmp_path)
-    line = tool_error("offshelf_toy.py", *(a.format(tmp=tmp_path) for a in args), "--output-dir",
-                      str(tmp_path / "out"), "--docs", str(tmp_path / "docs"), env=small_toy)
-    assert message.format(tmp=tmp_path) in line
