@@ -669,8 +669,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot_report(rows: list[dict], output: str) -> None:
-    """``ap_vs_ms.png`` (box / mask AP against model ms per image, one line per method) and
-    ``ap_vs_keep.png`` (box AP, mask AP and feature error against keep rate)."""
+    """``ap_vs_ms.png`` (box / mask AP against model ms per image, one line per method from the
+    stock point) and ``ap_vs_keep.png`` (box AP, mask AP and feature error against keep rate)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -684,12 +684,18 @@ def plot_report(rows: list[dict], output: str) -> None:
     ):
         fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2))
         for ax, metric in zip(axes, metrics):
+            has_stock = stock and stock[x_key] is not None and stock[metric] is not None
             for method in methods:
-                points = sorted((r[x_key], r[metric]) for r in rows if r["method"] == method
-                                and r[x_key] is not None and r[metric] is not None)
-                if points:
-                    ax.plot(*zip(*points), marker="o", label=method)
-            if stock and stock[x_key] is not None and stock[metric] is not None:
+                points = [(r[x_key], r[metric]) for r in sorted(rows, key=lambda r: -r["keep_rate"])
+                          if r["method"] == method and r[x_key] is not None and r[metric] is not None]
+                if not points:
+                    continue
+                if method.startswith("sec"):  # every token kept: one point
+                    ax.plot(*zip(*points), "D", fillstyle="none", markersize=8, label=method)
+                else:  # each line starts at stock
+                    start = [(stock[x_key], stock[metric])] if has_stock else []
+                    ax.plot(*zip(*(start + points)), marker="o", label=method)  # by keep rate
+            if has_stock:
                 ax.plot([stock[x_key]], [stock[metric]], "k*", markersize=12, label="stock")
                 ax.axhline(stock[metric], color="gray", linestyle=":", linewidth=1)
             ax.set_xlabel(xlabel)
@@ -703,6 +709,33 @@ def plot_report(rows: list[dict], output: str) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(output, name), dpi=110)
         plt.close(fig)
+
+
+def compare_markdown(runs: dict[str, list[dict]]) -> str:
+    """Box / mask AP of each cell in several results folders (e.g. two trainings) side by side,
+    with their spread (max - min) and the loss against each run's own stock row."""
+    labels = list(runs)
+    every_row = [r for rows in runs.values() for r in rows]
+    order = _methods(every_row)
+    cells = sorted(dict.fromkeys((r["method"], r["keep_rate"]) for r in every_row),
+                   key=lambda cell: (order.index(cell[0]), -cell[1]))
+    by_run = {label: {(r["method"], r["keep_rate"]): r for r in rows} for label, rows in runs.items()}
+    lines = ["| method | keep rate | " + " | ".join(f"box / mask AP ({label})" for label in labels)
+             + " | box AP spread | box AP vs stock (" + ", ".join(labels) + ") |",
+             "|---|---|" + "---|" * (len(labels) + 2)]
+    for method, keep in cells:
+        found = [by_run[label].get((method, keep)) for label in labels]
+        boxes = [r["box_ap"] for r in found if r and r["box_ap"] is not None]
+        losses = []
+        for label, r in zip(labels, found):
+            stock = by_run[label].get((STOCK, 1.0))
+            losses.append(_fmt(r["box_ap"] - stock["box_ap"], "+.2f") if r and stock
+                          and None not in (r["box_ap"], stock["box_ap"]) else "-")
+        lines.append(f"| {method} | {keep:g} | " + " | ".join(
+            f"{_fmt(r and r['box_ap'], '.2f')} / {_fmt(r and r['mask_ap'], '.2f')}" for r in found)
+            + f" | {_fmt(max(boxes) - min(boxes) if len(boxes) > 1 else None, '.2f')} | "
+            + ", ".join(losses) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_report(rows: list[dict], output: str) -> None:

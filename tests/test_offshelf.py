@@ -180,3 +180,15 @@ def test_killed_write_is_dropped_and_cells_are_planned(tmp_path):
     assert path.read_text() == '{"method": "stock", "keep_rate": 1.0}\n'
     assert plan_cells(["tome", "sec:2"], [0.5, 0.25]) == [
         Cell("stock", 1.0), Cell("tome", 0.5), Cell("tome", 0.25), Cell("sec:2", 1.0)]
+
+
+def test_compare_puts_runs_side_by_side():
+    from atc_det.offshelf import compare_markdown
+
+    def row(method, keep, box):
+        return {"method": method, "keep_rate": keep, "box_ap": box, "mask_ap": box / 2}
+
+    table = compare_markdown({"a": [row("stock", 1.0, 20.0), row("random", 0.25, 12.0)],
+                              "b": [row("stock", 1.0, 18.0), row("random", 0.25, 11.0)]})
+    assert "| stock | 1 | 20.00 / 10.00 | 18.00 / 9.00 | 2.00 | +0.00, +0.00 |" in table
+    assert "| random | 0.25 | 12.00 / 6.00 | 11.00 / 5.50 | 1.00 | -8.00, -7.00 |" in table

@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--feature-images", type=int, default=16,
                         help="feature error over the first N test images")
     parser.add_argument("--warmup", type=int, default=5, help="forwards per process not timed")
+    parser.add_argument("--compare", nargs="+", metavar="DIR",
+                        help="only print the AP of each cell of these results folders side by side")
     parser.add_argument("--num-gpus", type=int, default=1, help="number of GPUs per machine")
     parser.add_argument("--num-machines", type=int, default=1)
     parser.add_argument("--machine-rank", type=int, default=0)
@@ -86,6 +88,14 @@ def prepare(args: argparse.Namespace) -> offshelf.SweepSpec:
 
 def main() -> None:
     args = parse_args()
+    if args.compare:
+        runs = {folder: offshelf.read_rows(os.path.join(folder, offshelf.RESULTS)) for folder in args.compare}
+        missing = [folder for folder, rows in runs.items() if not rows]
+        if missing:
+            print(f"error: no {offshelf.RESULTS} rows in {missing[0]}", file=sys.stderr)
+            sys.exit(2)
+        print(offshelf.compare_markdown(runs), end="")
+        return
     try:
         offshelf.check_arguments(args)  # before Detectron2 is imported: quick errors
     except ValueError as error:
