@@ -23,6 +23,14 @@ def inside(event, name: str) -> bool:
     return False
 
 
+def assert_syncs_only_in_clustering(events, calls: int) -> None:
+    """No host read outside the clustering calls, and ``calls`` clustering calls."""
+    syncs = [e.name for e in events if (e.name in HOST_SYNCS or e.name.startswith("aten::unique"))
+             and not inside(e, CLUSTERING_CALL)]
+    assert not syncs, syncs
+    assert sum(e.name == CLUSTERING_CALL for e in events) == calls
+
+
 @pytest.mark.parametrize("mode, scope", [("dense", "window"), ("dense", "image"), ("merge", "window")])
 def test_reduced_vit_forward_has_no_host_sync_outside_the_clustering_call(mode, scope):
     """ViT at 320 px (20 x 20 patches: full, edge and corner windows): the profiler sees no host
@@ -33,11 +41,7 @@ def test_reduced_vit_forward_has_no_host_sync_outside_the_clustering_call(mode, 
     vit_features(vit, images)  # warm-up (the native kernel is built and loaded)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         vit_features(vit, images)
-    events = prof.events()
-    syncs = [e.name for e in events if (e.name in HOST_SYNCS or e.name.startswith("aten::unique"))
-             and not inside(e, CLUSTERING_CALL)]
-    assert not syncs, syncs
-    assert sum(e.name == CLUSTERING_CALL for e in events) == 2
+    assert_syncs_only_in_clustering(prof.events(), calls=2)
 
 
 @pytest.mark.parametrize("mode, scope", [("merge", "image"), ("dense", "window"), ("dense", "image")])
@@ -52,11 +56,7 @@ def test_timm_vit_forward_has_no_host_sync_outside_the_clustering_call(mode, sco
     vit_features(model, images)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         vit_features(model, images)
-    events = prof.events()
-    syncs = [e.name for e in events if (e.name in HOST_SYNCS or e.name.startswith("aten::unique"))
-             and not inside(e, CLUSTERING_CALL)]
-    assert not syncs, syncs
-    assert sum(e.name == CLUSTERING_CALL for e in events) == 2
+    assert_syncs_only_in_clustering(prof.events(), calls=2)
 
 
 def test_window_real_counts_match_the_padding_of_detectron2_windows():
