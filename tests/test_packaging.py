@@ -16,7 +16,8 @@ PREREQUISITES = {"torch": "PyTorch", "torchvision": "PyTorch", "detectron2": "De
                  "cv2": "any OpenCV distribution, or the [opencv] extra"}
 OPENCV = {"opencv-python", "opencv-contrib-python", "opencv-python-headless",
           "opencv-contrib-python-headless"}
-LOCAL = {"atc_det", "benchmarks", "conftest"}
+# The project's own modules; train_net: tools/train_net.py, which tools/offshelf.py imports.
+LOCAL = {"atc_det", "benchmarks", "conftest"} | {path.stem for path in (ROOT / "tools").glob("*.py")}
 
 
 def canonical(name: str) -> str:
