@@ -301,9 +301,10 @@ class ATCBlock:
         merged_all, merged = merged, merged.reshape(-1, C)[slot]
         normed = self.norm1(merged) * real.flatten()[slot, None]
         # DropPath (Detectron2's; SAM has none) draws one factor per image, as in the stock block.
-        drop_path = getattr(self, "drop_path", torch.nn.Identity())
-        drop_attn = drop_path(x.new_ones(B, 1))[image]
-        drop_mlp = drop_path(x.new_ones(B, 1))[image]
+        drop_path = getattr(self, "drop_path", None)
+        drop_attn = drop_mlp = x.new_ones(B, 1)[image]
+        if drop_path is not None:
+            drop_attn, drop_mlp = drop_path(x.new_ones(B, 1))[image], drop_path(x.new_ones(B, 1))[image]
         update = drop_attn * cluster_attention(
             self.attn,
             normed,
