@@ -1,5 +1,5 @@
 """One entry point for every framework: ``apply_atc`` / ``remove_atc`` and ``apply_sec`` /
-``remove_sec`` take a Detectron2 ``ViT``, Segment Anything's ``ImageEncoderViT`` (ATC) or a timm
+``remove_sec`` take a Detectron2 ``ViT``, Segment Anything's ``ImageEncoderViT`` or a timm
 ``VisionTransformer`` with the same arguments and meanings (:mod:`atc_det.reduction`) and call
 that framework's adapter: :mod:`atc_det.modeling` (Detectron2), :mod:`atc_det.patch.sam` or
 :mod:`atc_det.patch.timm`. Neither framework is imported
@@ -113,34 +113,41 @@ def apply_sec(model: nn.Module, blocks: Sequence[int] | None = None, *, global_g
     """SEC attention in the chosen blocks of ``model`` (None: all), in place.
 
     Args:
+        model: a Detectron2 ``ViT``, SAM's ``ImageEncoderViT`` or a timm ``VisionTransformer``.
         global_groups: SEC groups in each global-attention block (1: left global). Every block
             of a timm ViT attends globally.
-        options: Detectron2 only: ``windowed`` (SEC groups of the window's size replace the
-            windows of windowed blocks) and ``windowed_rel_pos``.
+        options: Detectron2 and SAM only: ``windowed`` (SEC groups of the window's size replace
+            the windows of windowed blocks) and ``windowed_rel_pos``.
     Returns ``model``; :func:`remove_sec` undoes it.
     """
     framework = _framework(model)
-    if framework == "sam":
-        raise NotImplementedError("apply_sec does not take Segment Anything's image encoder yet; "
-                                  "use apply_atc, or apply_sec on a Detectron2 ViT")
     if framework == "detectron2":
         from atc_det.modeling import apply_sec as apply
 
         return apply(model, blocks, global_groups=global_groups, **options)
+    if framework == "sam":
+        from atc_det.patch.sam import apply_sec_sam
+
+        return apply_sec_sam(model, blocks, global_groups=global_groups, **options)
     from atc_det.patch.timm import apply_sec_timm
 
     if options:
-        raise ValueError(f"{sorted(options)} apply to Detectron2 ViTs (windowed blocks); a timm "
-                         f"VisionTransformer has none")
+        raise ValueError(f"{sorted(options)} apply to Detectron2 ViTs and SAM's encoder (windowed "
+                         f"blocks); a timm VisionTransformer has none")
     return apply_sec_timm(model, blocks, global_groups=global_groups)
 
 
 def remove_sec(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_sec` in place."""
-    if _framework(model) == "detectron2":
+    framework = _framework(model)
+    if framework == "detectron2":
         from atc_det.modeling import remove_sec as remove
 
         return remove(model)
+    if framework == "sam":
+        from atc_det.patch.sam import remove_sec_sam
+
+        return remove_sec_sam(model)
     from atc_det.patch.timm import remove_sec_timm
 
     return remove_sec_timm(model)

@@ -1,7 +1,7 @@
-"""ATC in Segment Anything's image encoder (``segment_anything`` 1.0, code only: no SAM weights can
-be had here, so every model has random weights and its masks mean nothing; shapes, dtypes and
-equalities are what is checked). References: Detectron2's ViT holding the same block weights,
-stock SAM, and SAM's own predictor, mask generator and checkpoint loading."""
+"""ATC and SEC in Segment Anything's image encoder (``segment_anything`` 1.0, code only: no SAM
+weights can be had here, so every model has random weights and its masks mean nothing; shapes,
+dtypes and equalities are what is checked). References: Detectron2's ViT holding the same block
+weights, stock SAM, and SAM's own predictor, mask generator and checkpoint loading."""
 import copy
 
 import numpy as np
@@ -117,6 +117,67 @@ def test_sam_encoder_with_atc_compiles_as_one_graph_equal_to_eager():
     compiled = torch.compile(encoder, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(images), encoder(images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arguments", [dict(global_groups=2),
+                                       dict(global_groups=3, windowed_rel_pos="resize"),
+                                       dict(global_groups=4, windowed=False, blocks=[1, 2, 3])])
+def test_sam_sec_equals_detectron2_sec(arguments):
+    from atc_det.vitdet_sec import SecAttention
+
+    encoder = sam_encoder()
+    vit = detectron2_twin(encoder)
+    x = torch.randn(2, 20, 20, 64, generator=torch.Generator().manual_seed(4))
+    expected = blocks_output(encoder.blocks, x)
+    atc_det.apply_sec(encoder, **arguments)
+    atc_det.apply_sec(vit, **arguments)
+    mixins = [type(b.attn).__bases__[0] for b in encoder.blocks]
+    assert mixins == [type(b.attn).__bases__[0] for b in vit.blocks] and SecAttention in mixins
+    assert [b.window_size for b in encoder.blocks] == [b.window_size for b in vit.blocks]
+    grouped = blocks_output(encoder.blocks, x)
+    torch.testing.assert_close(grouped, blocks_output(vit.blocks, x), rtol=1e-5, atol=1e-5)
+    assert (grouped - expected).abs().max() > 1e-3
+
+
+def test_sec_one_group_equals_stock_sam_and_remove_restores():
+    from segment_anything.modeling.image_encoder import Attention
+
+    from atc_det.vitdet_sec import SecAttention, swap_sec_attention
+
+    encoder = sam_encoder()
+    stock = copy.deepcopy(encoder)
+    images = torch.randn(1, 3, 320, 320, generator=torch.Generator().manual_seed(5))
+    names, attentions = list(encoder.state_dict()), [b.attn for b in encoder.blocks]
+    with torch.no_grad():
+        expected = stock(images)
+        atc_det.apply_sec(encoder, global_groups=1, windowed=False)  # nothing to group
+        assert all(type(b.attn) is Attention for b in encoder.blocks)
+        torch.testing.assert_close(encoder(images), expected, rtol=0, atol=0)
+        for index in GLOBAL:  # one SEC group = SAM's global attention (its own get_rel_pos)
+            swap_sec_attention(encoder.blocks[index].attn, num_groups=1)
+        torch.testing.assert_close(encoder(images), expected, rtol=1e-5, atol=1e-5)
+        atc_det.remove_sec(encoder)
+        assert atc_det.apply_sec(encoder, global_groups=2) is encoder
+        assert all(b.attn is a for b, a in zip(encoder.blocks, attentions))  # same objects
+        assert all(issubclass(type(b.attn), Attention) and isinstance(b.attn, SecAttention)
+                   for b in encoder.blocks)
+        assert [b.window_size for b in encoder.blocks] == [0] * DEPTH
+        assert list(encoder.state_dict()) == names
+        encoder.load_state_dict(stock.state_dict(), strict=True)
+        assert (encoder(images) - expected).abs().max() > 1e-3
+        with pytest.raises(ValueError, match="already uses SEC"):
+            atc_det.apply_sec(encoder, global_groups=2)
+        with pytest.raises(ValueError, match="remove_sec"):
+            atc_det.apply_atc(encoder, keep_rate=0.5)
+        assert atc_det.remove_sec(encoder) is encoder
+        assert all(b.attn is a for b, a in zip(encoder.blocks, attentions))
+        assert all(type(b.attn) is Attention for b in encoder.blocks)
+        assert [b.window_size for b in encoder.blocks] == [b.window_size for b in stock.blocks]
+        torch.testing.assert_close(encoder(images), expected, rtol=0, atol=0)
+        atc_det.apply_atc(encoder, keep_rate=0.5)
+        with pytest.raises(ValueError, match="remove_atc"):
+            atc_det.apply_sec(encoder, global_groups=2)
+        assert not any(isinstance(b.attn, SecAttention) for b in encoder.blocks)
 
 
 def small_sam(checkpoint=None):

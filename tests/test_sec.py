@@ -1,13 +1,18 @@
 """SEC grouping and SEC attention in Detectron2's ViT, against independent references:
 Detectron2's own Attention / Block / add_decomposed_rel_pos and a brute-force per-group loop."""
+import copy
+
 import pytest
 import torch
 from detectron2.modeling import ViT
 from detectron2.modeling.backbone.utils import add_decomposed_rel_pos
 from detectron2.modeling.backbone.vit import Attention, Block
 
-from atc_det.modeling.sec_attention import SecAttention, apply_sec, apply_sec_from_cfg, remove_sec
+from atc_det.modeling import apply_fast_attention, remove_fast_attention
+from atc_det.modeling.sec_attention import apply_sec, apply_sec_from_cfg, remove_sec
+from atc_det.sdpa_peer import FastAttention
 from atc_det.sec import balanced_slots, gather_groups, scatter_groups, sec_group_indices
+from atc_det.vitdet_sec import SecAttention, swap_sec_attention
 from conftest import make_cfg, reference_groups
 
 torch.manual_seed(0)
@@ -93,21 +98,22 @@ def test_one_group_equals_detectron2_global_attention_block():
     block = Block(DIM, HEADS, use_rel_pos=True, rel_pos_zero_init=False, input_size=(6, 7))
     x = torch.randn(2, 6, 7, DIM)
     expected = block(x)
-    block.attn = SecAttention(block.attn, num_groups=1)
+    swap_sec_attention(block.attn, num_groups=1)
     torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_one_group_resizes_table_like_detectron2_at_another_size():
     attn = make_attention((6, 6))
     x = torch.randn(1, 9, 5, DIM)
-    torch.testing.assert_close(SecAttention(attn, num_groups=1)(x), attn(x), rtol=1e-5, atol=1e-5)
+    expected = attn(x)
+    torch.testing.assert_close(swap_sec_attention(attn, num_groups=1)(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_window_sized_image_equals_detectron2_window_attention():
     block = Block(DIM, HEADS, use_rel_pos=True, rel_pos_zero_init=False, window_size=5)
     x = torch.randn(2, 5, 5, DIM)
     expected = block(x)
-    block.attn = SecAttention(block.attn, group_size=25, rel_pos_mode="clamp")
+    swap_sec_attention(block.attn, group_size=25, rel_pos_mode="clamp")
     block.window_size = 0
     torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
 
@@ -117,7 +123,7 @@ def test_groups_match_per_group_loop_with_detectron2_rel_pos(num_groups, size):
     attn = make_attention(size)
     x = torch.randn(2, *size, DIM)
     expected = reference_sec_attention(attn, x, num_groups, detectron2_bias(attn, *size))
-    got = SecAttention(attn, num_groups=num_groups)(x)
+    got = swap_sec_attention(attn, num_groups=num_groups)(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -125,7 +131,7 @@ def test_window_groups_with_clamped_rel_pos_match_loop():
     attn = make_attention((3, 3))  # tables for offsets -2..2 on a 7x6 image
     x = torch.randn(1, 7, 6, DIM)
     expected = reference_sec_attention(attn, x, 5, clamped_bias(attn, 7, 6))  # ceil(42 / 9)
-    got = SecAttention(attn, group_size=9, rel_pos_mode="clamp")(x)
+    got = swap_sec_attention(attn, group_size=9, rel_pos_mode="clamp")(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -144,9 +150,9 @@ def test_apply_sec_keeps_parameters_and_loads_vitdet_weights():
     x = torch.randn(1, 3, 64, 64)
     before = vit(x)["last_feat"]
     apply_sec(vit, windowed=True, global_groups=2)
-    assert [type(b.attn) for b in vit.blocks] == [SecAttention] * 4
-    assert [b.attn.group_size for b in vit.blocks] == [16, 0, 16, 0]
-    assert [b.attn.num_groups for b in vit.blocks] == [0, 2, 0, 2]
+    assert all(type(b.attn).__bases__ == (SecAttention, Attention) for b in vit.blocks)
+    assert [b.attn._sec_group_size for b in vit.blocks] == [16, 0, 16, 0]
+    assert [b.attn._sec_num_groups for b in vit.blocks] == [0, 2, 0, 2]
     assert list(vit.state_dict()) == names
     other = tiny_sec_vit()  # other weights (another draw): loading them must reach SEC's modules
     vit.load_state_dict(other.state_dict(), strict=True)
@@ -163,14 +169,14 @@ def test_apply_sec_leaves_unselected_and_one_group_blocks():
     assert all(type(b.attn) is Attention for b in vit.blocks)
     vit = apply_sec(tiny_sec_vit(), windowed=True, global_groups=3, blocks=[1, 2])
     assert [type(b.attn).__name__ for b in vit.blocks] == [
-        "Attention", "SecAttention", "SecAttention", "Attention"
+        "Attention", "SECAttention", "SECAttention", "Attention"
     ]
     assert [b.window_size for b in vit.blocks] == [4, 0, 0, 0]
 
 
 def test_apply_sec_from_cfg_and_errors_name_the_key():
     vit = apply_sec_from_cfg(tiny_sec_vit(), make_cfg(SEC__GLOBAL_GROUPS=2, SEC__BLOCKS=[0, 1]))
-    assert [type(b.attn).__name__ for b in vit.blocks[:3]] == ["SecAttention"] * 2 + ["Attention"]
+    assert [type(b.attn).__name__ for b in vit.blocks[:3]] == ["SECAttention"] * 2 + ["Attention"]
     for keys, name in [
         ({"SEC__GLOBAL_GROUPS": 0}, "MODEL.SEC.GLOBAL_GROUPS"),
         ({"SEC__BLOCKS": [1, 4]}, "MODEL.SEC.BLOCKS"),
@@ -181,7 +187,39 @@ def test_apply_sec_from_cfg_and_errors_name_the_key():
     with pytest.raises(TypeError, match="ViT"):
         apply_sec(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="num_groups"):
-        SecAttention(make_attention((2, 2)), num_groups=5)(torch.randn(1, 2, 2, DIM))
+        swap_sec_attention(make_attention((2, 2)), num_groups=5)(torch.randn(1, 2, 2, DIM))
+    with pytest.raises(ValueError, match="exactly one"):
+        swap_sec_attention(make_attention((2, 2)), num_groups=2, group_size=4)
+
+
+def test_apply_sec_swaps_the_class_of_the_same_attention_and_remove_restores_it():
+    vit = tiny_sec_vit().eval()
+    stock = copy.deepcopy(vit)
+    attentions = [b.attn for b in vit.blocks]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = stock(x)["last_feat"]
+        apply_sec(vit, windowed=True, global_groups=2, blocks=[0, 1, 3])
+        assert all(b.attn is a for b, a in zip(vit.blocks, attentions))  # same objects, new class
+        assert all(issubclass(type(b.attn), Attention) for b in vit.blocks)
+        assert [isinstance(b.attn, SecAttention) for b in vit.blocks] == [True, True, False, True]
+        assert [b.window_size for b in vit.blocks] == [0, 0, 4, 0]
+        assert "sec_group_size=16" in repr(vit.blocks[0].attn)
+        remove_sec(vit)
+        assert all(b.attn is a for b, a in zip(vit.blocks, attentions))
+        assert all(type(b.attn) is Attention for b in vit.blocks)
+        assert [b.window_size for b in vit.blocks] == [4, 0, 4, 0]
+        assert not any(k.startswith("_sec") for b in vit.blocks for k in vars(b.attn))
+        torch.testing.assert_close(vit(x)["last_feat"], expected, rtol=0, atol=0)
+
+
+def test_sec_over_the_dense_peer_and_removal_in_either_order():
+    vit = apply_sec(apply_fast_attention(tiny_sec_vit()), global_groups=2)
+    assert all(isinstance(b.attn, FastAttention) and isinstance(b.attn, SecAttention) for b in vit.blocks)
+    remove_fast_attention(vit)  # the SEC mixin stays, over Detectron2's Attention
+    assert all(type(b.attn).__bases__ == (SecAttention, Attention) for b in vit.blocks)
+    remove_sec(vit)
+    assert all(type(b.attn) is Attention for b in vit.blocks)
 
 
 def test_toy_config_with_sec_enabled_builds_and_runs():

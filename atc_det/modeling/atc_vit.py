@@ -7,8 +7,7 @@ from typing import Sequence
 
 from detectron2.modeling.backbone.vit import Block, ViT
 
-from atc_det.modeling.sec_attention import SecAttention
-from atc_det.patching import check_not_combined
+from atc_det.patching import check_not_combined, has_sec
 from atc_det.vitdet_block import (  # noqa: F401  (the reduced block, re-exported for Detectron2 users)
     ATCBlock,
     apply_reduction,
@@ -63,8 +62,7 @@ def apply_atc(
     """
     if not isinstance(vit, ViT):
         raise TypeError(f"apply_atc needs a detectron2.modeling.ViT, got {type(vit).__name__}")
-    check_not_combined("atc", False, any(isinstance(getattr(b, "attn", None), SecAttention)
-                                         for b in vit.blocks))
+    check_not_combined("atc", False, has_sec(vit.blocks))
     apply_reduction(vit.blocks, Block, keep_rate, linkage, blocks, method=method, metric=metric,
                     prop_attn=prop_attn, mode=mode, scope=scope, threshold=threshold, rel_pos=rel_pos,
                     cluster_blocks=cluster_blocks, **method_options)
