@@ -1,8 +1,9 @@
 """What a token reduction is, for every adapter: its settings, their one validator, and the
 framework-free steps of a reduced block (pure functions on tensors, no Detectron2 or timm).
 
-The adapters (:mod:`atc_det.modeling.atc_vit` for Detectron2's ViT, :mod:`atc_det.patch.timm` for
-timm's ``VisionTransformer``) and the entry point :func:`atc_det.apply_atc` share these meanings:
+The adapters (:mod:`atc_det.vitdet_block` for Detectron2's ViT and SAM's image encoder,
+:mod:`atc_det.patch.timm` for timm's ``VisionTransformer``) and the entry point
+:func:`atc_det.apply_atc` share these meanings:
 
 - ``keep_rate``: the fraction of a reduction's input tokens that it keeps, as clusters:
   ``int(keep_rate * T)`` clusters (at least 1) of the ``T`` real tokens it is given, as in the
@@ -17,6 +18,8 @@ timm's ``VisionTransformer``) and the entry point :func:`atc_det.apply_atc` shar
 - ``prop_attn``: proportional attention, log(cluster size) added to the attention logits.
 - ``threshold``: dynamic ATC stopping (merge while the linkage distance <= threshold) instead of
   a keep rate.
+
+The steps of the dense reduced block that every adapter runs are in :mod:`atc_det.vitdet_block`.
 """
 
 from __future__ import annotations
@@ -194,8 +197,10 @@ PER_SAMPLE_K = ("atc",)
 
 class Partition(NamedTuple):
     """The clusters of a batch of groups: ``labels`` [G, T] in 0..num_slots-1, and per group (host
-    ints) its number of clusters (non-empty slots, labels 0..count-1) and of real clusters
-    (clusters of real tokens; the others hold its invalid tokens)."""
+    ints) its number of clusters (labels 0..count-1) and of real clusters (clusters of real
+    tokens; the others hold its invalid tokens). Every cluster has a member, except where the
+    windows of an image are numbered one after another as one group (timm's window scope): a
+    padded window's padding cluster keeps its label, without members."""
 
     labels: Tensor
     num_slots: int

@@ -1,26 +1,41 @@
-"""The one reduced block of ViTDet-style encoders: Detectron2's ViTDet ``ViT`` and Segment
-Anything's ``ImageEncoderViT`` (the same blocks: [B, H, W, C] maps, 14x14 windows and global
-blocks, decomposed relative positions). Framework-free: it reads the block's ``norm1``, ``attn``
-(``qkv``, ``proj``, ``num_heads``, ``scale``, ``use_rel_pos``, ``rel_pos_h`` / ``rel_pos_w``),
-``norm2``, ``mlp`` and ``window_size``, and Detectron2's ``drop_path`` / ``residual`` if present.
+"""The one dense reduced block, and the reduced block of ViTDet-style encoders: Detectron2's
+ViTDet ``ViT`` and Segment Anything's ``ImageEncoderViT`` (the same blocks: [B, H, W, C] maps,
+14x14 windows and global blocks, decomposed relative positions).
 
-:func:`apply_reduction` swaps the class of selected blocks for one with the :class:`ATCBlock`
-mixin (:mod:`atc_det.patching`: no new parameters, so parameter names and checkpoints are the
+The steps of a dense reduced block, small functions that every adapter calls (:class:`ATCBlock`
+here, timm's dense mode in :mod:`atc_det.patch.timm`), with one state, the encoder's current
+:class:`~atc_det.reduction.Partition` in a dict shared by its reduced blocks:
+
+- :func:`dense_partition`: the block's clusters (one clustering call, for a patch grid
+  :func:`cluster_grid`), the partition of the last clustering block (label reuse), or None where
+  the block merges nothing (keep rate 1, or reusing such a block): the stock block runs;
+- :func:`~atc_det.merge.merge_tokens`: the size-weighted mean token of each cluster;
+- :func:`cluster_block_update`: attention + MLP on the clusters, with the adapter's attention
+  (proportional attention: :func:`~atc_det.reduction.cluster_attention_bias`; here also windows
+  and relative positions) and its drop path / layer scale;
+- :func:`~atc_det.merge.unmerge_tokens`: each cluster's update scattered back to its members.
+
+The ViTDet block is framework-free: it reads the block's ``norm1``, ``attn`` (``qkv``, ``proj``,
+``num_heads``, ``scale``, ``use_rel_pos``, ``rel_pos_h`` / ``rel_pos_w``), ``norm2``, ``mlp`` and
+``window_size``, and Detectron2's ``drop_path`` / ``residual`` if present. :func:`apply_reduction`
+swaps the class of selected blocks for one with the :class:`ATCBlock` mixin
+(:mod:`atc_det.patching`: no new parameters, so parameter names and checkpoints are the
 framework's). A reduced block, on ``x`` [B, H, W, C]:
 
 1. splits the tokens into clustering groups: the block's attention windows (windowed blocks), the
    same 14x14 windows (global blocks, ``scope="window"``) or the whole image (``scope="image"``);
    window padding is marked invalid and never joins a real token's cluster;
 2. clusters the groups on the attention keys (heads averaged) or on the normalised input of the
-   block: every full window into the same K = int(keep_rate * 196) clusters in one batched
-   call; a window with padding keeps the same fraction of its real tokens, plus one padding
-   cluster;
+   block (:func:`cluster_grid`): every full window into the same K = int(keep_rate * 196)
+   clusters in one batched call; a window with padding keeps the same fraction of its real
+   tokens, plus one padding cluster;
 3. runs attention + MLP on the size-weighted mean tokens (only the used clusters: no padding
-   or empty slots), with proportional attention (+ log cluster size on the logits) and
-   decomposed relative positions for a cluster's position given as a distribution over the
-   lattice lines: its centroid's linear-interpolation weights (default) or its member histogram
-   (exact mean over member pairs); see ``docs/atc_vitdet.md``. In a global block the cluster
-   tokens of all windows of an image attend to each other;
+   or empty slots, :func:`cluster_layout`), with proportional attention (+ log cluster size on
+   the logits) and decomposed relative positions for a cluster's position given as a
+   distribution over the lattice lines (:func:`cluster_positions`): its centroid's
+   linear-interpolation weights (default) or its member histogram (exact mean over member
+   pairs); see ``docs/atc_vitdet.md``. In a global block the cluster tokens of all windows of an
+   image attend to each other (:func:`cluster_attention`);
 4. scatters each cluster's residual update back to its members, so the block returns the dense
    [B, H, W, C] map that the next block and ``SimpleFeaturePyramid`` (or SAM's neck) expect.
 
@@ -33,7 +48,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +66,10 @@ from atc_det.reduction import (
     cluster_tokens,
     merges_nothing,
 )
-from atc_det.windows import group_tokens, ungroup_tokens, window_real_counts, window_slot_starts
+from atc_det.windows import group_tokens, image_cluster_ids, ungroup_tokens, window_real_counts
 
-__all__ = ["ATCBlock", "apply_reduction", "collect_source_maps", "remove_reduction", "unwrapped_block"]
+__all__ = ["ATCBlock", "apply_reduction", "cluster_block_update", "cluster_grid", "collect_source_maps",
+           "dense_partition", "remove_reduction", "unwrapped_block"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +218,97 @@ def cluster_attention(
     return attn.proj(out[position])
 
 
+def cluster_positions(valid: Tensor, coords: Tensor, labels: Tensor, num_slots: int,
+                      grid: tuple[int, int], rel_pos: str) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Which clusters hold real tokens and where they lie, from their members: valid [G, S],
+    coords [G, S, 2] (lattice row, col), labels [G, S] -> real [G, K] and, per axis, each
+    cluster's position for :func:`cluster_attention`: its size-weighted centroid [G * K]
+    (``rel_pos="centroid"``) or its member histogram over the ``grid`` lines [G * K, grid[i]]
+    (``"mean"``)."""
+    extra = [valid[..., None].to(coords.dtype), coords]
+    if rel_pos == "mean":
+        extra += [interpolation_weights(coords[..., 0], grid[0]),
+                  interpolation_weights(coords[..., 1], grid[1])]
+    extra, _ = merge_tokens(torch.cat(extra, -1), labels, num_slots, check_labels=False)
+    real = extra[..., 0] > 0
+    if rel_pos == "mean":  # member histograms over the lattice rows / cols
+        row_weights, col_weights = extra[..., 3:].split(grid, dim=-1)
+        return real, (row_weights.reshape(-1, grid[0]), col_weights.reshape(-1, grid[1]))
+    return real, (extra[..., 1].reshape(-1), extra[..., 2].reshape(-1))  # linearly interpolated
+
+
+def cluster_layout(size: Tensor, real: Tensor, partition: Partition, num_images: int,
+                   windowed: bool, prop_attn: bool) -> tuple[Tensor, tuple[Tensor, int, int], Tensor]:
+    """Which of the [G, K] cluster slots (``size``, ``real`` [G, K]) attend, and with whom,
+    counted on the host (``partition``'s counts): in a windowed block each window's clusters (all
+    non-empty, padding clusters are keys as in Detectron2); else the clusters of all windows of an
+    image, the real tokens where nothing is merged, else all clusters with padding clusters masked
+    out as keys (their outputs are dropped). Returns the flat slot [T] of each used cluster, its
+    ``layout`` for :func:`cluster_attention` and the key bias [G, K]
+    (:func:`~atc_det.reduction.cluster_attention_bias`)."""
+    key_bias = cluster_attention_bias(size, prop_attn)
+    if windowed:
+        slot, position, length = attention_layout(size > 0, partition.cluster_counts)
+        return slot, (position, size.shape[0], length), key_bias
+    num_slots, counts = partition.num_slots, partition.cluster_counts
+    identity = num_slots == partition.labels.shape[1] and all(c == num_slots for c in counts)
+    if identity:
+        counts = partition.real_cluster_counts
+    groups = len(counts) // num_images
+    per_image = [sum(counts[i * groups:(i + 1) * groups]) for i in range(num_images)]
+    slot, position, length = attention_layout(real if identity else size > 0, per_image)
+    if not identity:
+        key_bias = key_bias.masked_fill(~real, float("-inf"))
+    return slot, (position, num_images, length), key_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps of the dense reduced block (every adapter: ATCBlock below, timm's dense mode)
+# ---------------------------------------------------------------------------------------------
+
+
+def dense_partition(settings: ReductionSettings, state: dict, cluster: Callable[[], Partition],
+                    shortcut: bool = True) -> Partition | None:
+    """The clusters a dense reduced block runs on. ``state["partition"]``: the partition of the
+    encoder's last clustering block (label reuse), shared by its reduced blocks.
+
+    None where the block merges nothing (:func:`~atc_det.reduction.merges_nothing`): the adapter runs its stock
+    block, and a keep-all block clears ``state["partition"]`` (the blocks that reuse it merge
+    nothing either). Else a block with a keep rate or threshold clusters (``cluster()``, its one
+    clustering call) and stores its partition; a block without reuses the stored one.
+    ``shortcut=False`` (source maps) runs even a keep-all block on its singleton clusters."""
+    if shortcut and merges_nothing(settings, state["partition"]):
+        if settings.keeps_all:
+            state["partition"] = None
+        return None
+    if settings.makes_partition:
+        state["partition"] = cluster()
+    return state["partition"]
+
+
+def cluster_grid(metric: Tensor, window_size: int, settings: ReductionSettings) -> Partition:
+    """One clustering call for a patch grid: metric [B, H, W, D] -> the clusters of each
+    ``window_size`` window apart (:func:`~atc_det.windows.group_tokens`: row-major windows, edge
+    windows padded, every window keeps the same fraction of its real tokens), labels
+    [B * nW, window_size ** 2]; ``window_size`` 0: of each image, labels [B, H * W]."""
+    batch, height, width, _ = metric.shape
+    grouped, valid, _, _ = group_tokens(metric, window_size)
+    # ``cluster_tokens`` as this module names it: benchmarks/ time and replay it here.
+    return cluster_tokens(grouped, valid, settings, window_real_counts(height, width, window_size) * batch)
+
+
+def cluster_block_update(block: torch.nn.Module, merged: Tensor, attend: Callable[[Tensor], Tensor],
+                         attn_scale: Callable[[Tensor], Tensor], mlp_scale: Callable[[Tensor], Tensor]
+                         ) -> Tensor:
+    """The residual update of a pre-norm transformer ``block`` (``norm1``, ``norm2``, ``mlp``) on
+    its cluster tokens, merged [..., C] -> [..., C]: ``a = attn_scale(attend(norm1(merged)))``,
+    then ``a + mlp_scale(mlp(norm2(merged + a)))``. ``attend``: the adapter's attention over the
+    clusters (with :func:`~atc_det.reduction.cluster_attention_bias`); ``attn_scale`` / ``mlp_scale``: what the
+    block applies to each branch before its residual sum (drop path, layer scale)."""
+    update = attn_scale(attend(block.norm1(merged)))
+    return update + mlp_scale(block.mlp(block.norm2(merged + update)))
+
+
 
 # ---------------------------------------------------------------------------------------------
 # The patched block
@@ -215,7 +322,7 @@ class ATCBlock:
     :class:`~atc_det.reduction.ReductionSettings`. The blocks of one encoder share
     ``self._atc_state`` (``"partition"``: the current :class:`~atc_det.reduction.Partition`, for
     merge mode and label reuse), which the first reduction block (``self._atc_first``) starts
-    anew at every forward.
+    anew at every forward in merge mode (in dense mode the first reduction block clusters).
     """
 
     _atc: ReductionSettings
@@ -223,27 +330,26 @@ class ATCBlock:
     _atc_state: dict
     _atc_first: bool
 
-    def _partition(self, tokens: Tensor, valid: Tensor, real_counts: list[int]) -> Partition:
-        """The clusters of the grouped tokens [G, S, C] (``valid`` [G, S]; ``real_counts``: each
-        group's real tokens, host ints).
+    def _cluster(self, x: Tensor, group: int) -> Partition:
+        """This block's one clustering call: the clusters of x [B, H, W, C] on its metric, each
+        ``group`` x ``group`` window apart (0: each image), labels [B * nW, group ** 2]."""
+        return cluster_grid(cluster_metric(self._atc.metric, self.norm1(x), self.attn), group, self._atc)
 
-        Dense mode clusters the tokens. Merge mode starts from the partition of the previous
-        block (the tokens hold their cluster's value) and, in a reduction block, clusters its
-        clusters: the new labels are the composition.
-        """
+    def _merge_partition(self, x: Tensor, group: int, tokens: Tensor, valid: Tensor) -> Partition:
+        """Merge mode's clusters of x's grouped tokens [G, S, C] (``valid`` [G, S]), stored in the
+        shared state: the first reduction block clusters x; a later block starts from the current
+        partition (the tokens hold their cluster's value) and, in a reduction block, clusters its
+        clusters: the new labels are the composition."""
         s = self._atc
-        if s.mode == "dense" and not s.makes_partition:  # label reuse: the last clustering block's
-            part = self._atc_state["partition"]
-        elif s.mode == "dense" or self._atc_first:
-            normed = self.norm1(tokens) * valid[..., None]  # padding enters attention as zeros
-            part = cluster_tokens(cluster_metric(s.metric, normed, self.attn), valid, s, real_counts)
+        if self._atc_first:
+            part = self._cluster(x, group)
         else:
             part = self._atc_state["partition"]
             if s.makes_partition:
                 merged, _ = merge_tokens(tokens, part.labels, part.num_slots, check_labels=False)
                 # Real and padding tokens never share a cluster: a slot is real if a member is.
                 real = valid.new_zeros(valid.shape[0], part.num_slots).scatter_(1, part.labels, valid)
-                normed = self.norm1(merged) * real[..., None]
+                normed = self.norm1(merged) * real[..., None]  # padding enters attention as zeros
                 coarse = cluster_tokens(cluster_metric(s.metric, normed, self.attn), real, s,
                                         real_counts=part.real_cluster_counts)
                 part = coarse._replace(labels=coarse.labels.gather(1, part.labels))
@@ -252,82 +358,56 @@ class ATCBlock:
 
     def forward(self, x: Tensor) -> Tensor:
         s = self._atc
-        if s.mode == "dense" and not s.record_source and merges_nothing(s, self._atc_state["partition"]):
-            if s.keeps_all:  # the blocks that reuse this block's partition merge nothing either
-                self._atc_state["partition"] = None
-            return super().forward(x)  # the merged-token path would give the same output, slower
         B, H, W, C = x.shape
         windowed = self.window_size > 0
         group = self.window_size if windowed else (s.window_size if s.scope == "window" else 0)
+        if s.mode == "dense":
+            part = dense_partition(s, self._atc_state, lambda: self._cluster(x, group),
+                                   shortcut=not s.record_source)
+            if part is None:  # merges nothing: the merged-token path would give this, slower
+                return super().forward(x)
         tokens, valid, coords, pad_hw = group_tokens(x, group)
-        part = self._partition(tokens, valid, window_real_counts(H, W, group) * B)
+        if s.mode == "merge":
+            part = self._merge_partition(x, group, tokens, valid)
         labels, K = part.labels, part.num_slots
-        identity = K == tokens.shape[1] and all(c == K for c in part.cluster_counts)
 
         merged, size = merge_tokens(tokens, labels, K, check_labels=False)
         if windowed:
             # Each window attends within itself; its padding clusters are keys, as in Detectron2.
             coords = coords - coords[:, :1]
-            grid, rows = (self.window_size, self.window_size), labels.shape[0]
+            grid = (self.window_size, self.window_size)
         else:
             # The clusters of all windows of an image attend to each other; padding is no key.
-            grid, rows = (H, W), B
-        extra = [valid[..., None].to(x.dtype), coords]
-        if s.rel_pos == "mean":
-            extra += [interpolation_weights(coords[..., 0], grid[0]),
-                      interpolation_weights(coords[..., 1], grid[1])]
-        extra, _ = merge_tokens(torch.cat(extra, -1), labels, K, check_labels=False)
-        real = extra[..., 0] > 0
-        if s.rel_pos == "mean":  # member histograms over the lattice rows / cols
-            row_weights, col_weights = extra[..., 3:].split(grid, dim=-1)
-            positions = (row_weights.reshape(-1, grid[0]), col_weights.reshape(-1, grid[1]))
-        else:  # the size-weighted centroid (linearly interpolated between lattice lines)
-            positions = (extra[..., 1].reshape(-1), extra[..., 2].reshape(-1))
-        # The used slots of each attention row, counted on the host: a window's clusters (all
-        # non-empty); in a global block the real tokens (no clustering) or all clusters, padding
-        # clusters masked out as keys (their outputs are dropped).
-        key_bias = cluster_attention_bias(size, s.prop_attn)
-        if windowed:
-            slot, position, length = attention_layout(size > 0, part.cluster_counts)
-        else:
-            groups = len(part.cluster_counts) // B
-            counts = part.real_cluster_counts if identity else part.cluster_counts
-            per_image = [sum(counts[i * groups:(i + 1) * groups]) for i in range(B)]
-            slot, position, length = attention_layout(real if identity else size > 0, per_image)
-            if not identity:
-                key_bias = key_bias.masked_fill(~real, float("-inf"))
+            grid = (H, W)
+        real, positions = cluster_positions(valid, coords, labels, K, grid, s.rel_pos)
+        slot, layout, key_bias = cluster_layout(size, real, part, B, windowed, s.prop_attn)
         image = slot // (size.numel() // B)  # image of each used cluster
-
-        merged_all, merged = merged, merged.reshape(-1, C)[slot]
-        normed = self.norm1(merged) * real.flatten()[slot, None]
+        real_used = real.flatten()[slot, None]
         # DropPath (Detectron2's; SAM has none) draws one factor per image, as in the stock block.
         drop_path = getattr(self, "drop_path", None)
         drop_attn = drop_mlp = x.new_ones(B, 1)[image]
         if drop_path is not None:
             drop_attn, drop_mlp = drop_path(x.new_ones(B, 1))[image], drop_path(x.new_ones(B, 1))[image]
-        update = drop_attn * cluster_attention(
-            self.attn,
-            normed,
-            tuple(p[slot] for p in positions),
-            key_bias.flatten()[slot],
-            (position, rows, length),
-            s.rel_pos,
-            grid,
+        update = cluster_block_update(
+            self,
+            merged.reshape(-1, C)[slot],
+            lambda normed: cluster_attention(self.attn, normed * real_used,
+                                             tuple(p[slot] for p in positions),
+                                             key_bias.flatten()[slot], layout, s.rel_pos, grid),
+            lambda out: drop_attn * out,
+            lambda out: drop_mlp * out,
         )
-        update = update + drop_mlp * self.mlp(self.norm2(merged + update))
 
         update = update.new_zeros(labels.shape[0] * K, C).index_copy(0, slot, update)
         update = unmerge_tokens(update.reshape(-1, K, C), labels)
         if s.mode == "merge":  # members take their cluster's new value
-            x = ungroup_tokens(unmerge_tokens(merged_all, labels) + update, group, pad_hw, (H, W))
+            x = ungroup_tokens(unmerge_tokens(merged, labels) + update, group, pad_hw, (H, W))
         else:
             x = x + ungroup_tokens(update, group, pad_hw, (H, W))
         if getattr(self, "use_residual_block", False):
             x = self.residual(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if s.record_source:
-            starts, _ = window_slot_starts([K] * labels.shape[0], labels.shape[0] // B)
-            ids = (labels + torch.tensor(starts, device=x.device)[:, None])[..., None]
-            self._atc_source_map = ungroup_tokens(ids, group, pad_hw, (H, W))[..., 0]
+            self._atc_source_map, _ = image_cluster_ids(labels, [K] * labels.shape[0], group, (H, W))
         return x
 
 

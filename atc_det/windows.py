@@ -90,14 +90,28 @@ def window_real_counts(height: int, width: int, window_size: int) -> list[int]:
 
 
 def window_slot_starts(counts: Sequence[int], groups_per_image: int, offset: int = 0
-                       ) -> tuple[list[int], int]:
+                       ) -> tuple[list[int], list[int]]:
     """Image-level cluster ids for per-group labels: each image numbers its groups' clusters one
     after another from ``offset``. ``counts``: the label range of each group [G] (host ints,
-    images one after another). Returns the first id of each group [G] and the ids an image needs
-    (``offset`` + the largest image total)."""
+    images one after another). Returns the first id of each group [G] and the ids each image
+    uses [B] (``offset`` + its groups' counts)."""
     starts, totals = [], []
     for image in range(0, len(counts), groups_per_image):
         ends = list(itertools.accumulate(counts[image:image + groups_per_image], initial=offset))
         starts += ends[:-1]
         totals.append(ends[-1])
-    return starts, max(totals)
+    return starts, totals
+
+
+def image_cluster_ids(labels: Tensor, counts: Sequence[int], window_size: int,
+                      hw: tuple[int, int], offset: int = 0) -> tuple[Tensor, list[int]]:
+    """Per-group labels [B * nW, S] of :func:`group_tokens`' groups of a [B, H, W] grid as
+    image-level ids [B, H, W] (padding dropped): each image numbers its groups' label ranges
+    ``counts`` [B * nW] (host ints) one after another from ``offset``. Also returns the ids each
+    image uses [B] (host ints). No synchronisation with the device."""
+    groups_per_image = len(window_real_counts(*hw, window_size))
+    starts, totals = window_slot_starts(counts, groups_per_image, offset)
+    first = torch.tensor(starts).to(labels.device, non_blocking=True)
+    padded = hw if window_size == 0 else tuple(-(-n // window_size) * window_size for n in hw)
+    ids = ungroup_tokens((labels + first[:, None])[..., None], window_size, padded, hw)
+    return ids[..., 0], totals

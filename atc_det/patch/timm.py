@@ -12,10 +12,16 @@ Prefix tokens (class, registers) are never merged: they are protected singletons
   features: :func:`dense_patch_features`.
 - ``"dense"`` (the ViTDet setting): each reduction block clusters its input tokens, runs attention
   and MLP on the clusters and adds each cluster's update to its members; the token count never
-  changes, so the model's output keeps its shape. ``scope="image"`` (default) clusters all patch
-  tokens of an image; ``scope="window"`` clusters each 14x14 window of the patch grid apart, as
-  ViTDet's reduced blocks do (:mod:`atc_det.windows`: edge windows padded, every window keeps the
-  same fraction of its real tokens), and the clusters of all windows attend to each other.
+  changes, so the model's output keeps its shape. The block runs the steps of the dense reduced
+  block of ViTDet and SAM (:mod:`atc_det.vitdet_block`: ``dense_partition``, ``merge_tokens``,
+  ``cluster_block_update``, ``unmerge_tokens``), with the same label reuse (``cluster_blocks``),
+  keep-all shortcut to the stock block and state (``_atc_info["partition"]``, a
+  :class:`~atc_det.reduction.Partition` with labels [B, P + N]); timm supplies its attention with
+  a key bias (no relative positions), LayerScale and drop path. ``scope="image"`` (default)
+  clusters all patch tokens of an image; ``scope="window"`` clusters each 14x14 window of the
+  patch grid apart, as ViTDet's reduced blocks do (:func:`~atc_det.vitdet_block.cluster_grid`:
+  edge windows padded, every window keeps the same fraction of its real tokens), and the
+  clusters of all windows attend to each other.
 
 Patching swaps the classes of the model, its blocks and their attentions for subclasses that
 add this behaviour; parameter names and the state dict are unchanged, and :func:`remove_atc_timm`
@@ -34,16 +40,17 @@ from torch import Tensor, nn
 from atc_det.patching import check_not_combined, swap_class, unswap_class
 from atc_det.merge import compose_source, merge_tokens, unmerge_tokens
 from atc_det.reduction import (
+    Partition,
     ReductionSettings,
     check_cluster_blocks,
     check_reduction,
     cluster_attention_bias,
     cluster_tokens,
     cluster_metric,
-    merges_nothing,
 )
 from atc_det.sec import check_sec_arguments, gather_groups, scatter_groups, sec_group_indices
-from atc_det.windows import group_tokens, ungroup_tokens, window_real_counts, window_slot_starts
+from atc_det.vitdet_block import cluster_block_update, cluster_grid, dense_partition
+from atc_det.windows import image_cluster_ids
 
 
 def default_blocks(depth: int) -> list[int]:
@@ -100,55 +107,49 @@ class _ATCBlock:
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def _dense_forward(self, x: Tensor) -> Tensor:
-        """Cluster x [B, P + N, C], run the block on the clusters, add each cluster's update to
-        its members."""
+        """Dense mode, the steps of ViTDet's reduced block (:mod:`atc_det.vitdet_block`):
+        x [B, P + N, C] plus the block's update of each cluster, added to its members."""
         s, info = self._atc, self._atc_info
-        if merges_nothing(s, info["partition"]):  # the stock block's computation
-            if s.keeps_all:  # the blocks that reuse this block's partition merge nothing either
-                info["partition"] = None
+        part = dense_partition(
+            s, info, lambda: _dense_partition(cluster_metric(s.metric, self.norm1(x), self.attn), s, info))
+        if part is None:  # merges nothing: the stock block's computation
             x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        if s.makes_partition:
-            info["partition"] = _dense_partition(cluster_metric(s.metric, self.norm1(x), self.attn), s, info)
-        labels, num_clusters = info["partition"]  # label reuse: the last clustering block's
-        merged, size = merge_tokens(x, labels, num_clusters, check_labels=False)
-        attn_out = self.attn(self.norm1(merged), key_bias=cluster_attention_bias(size, s.prop_attn))
-        update = self.drop_path1(self.ls1(attn_out))
-        update = update + self.drop_path2(self.ls2(self.mlp(self.norm2(merged + update))))
-        return x + unmerge_tokens(update, labels)
+        merged, size = merge_tokens(x, part.labels, part.num_slots, check_labels=False)
+        key_bias = cluster_attention_bias(size, s.prop_attn)
+        update = cluster_block_update(
+            self,
+            merged,
+            lambda normed: self.attn(normed, key_bias=key_bias),
+            lambda out: self.drop_path1(self.ls1(out)),
+            lambda out: self.drop_path2(self.ls2(out)),
+        )
+        return x + unmerge_tokens(update, part.labels)
 
 
-def _dense_partition(metric: Tensor, settings: ReductionSettings, info: dict) -> tuple[Tensor, int]:
-    """Dense mode's clusters of metric [B, P + N, D]: labels [B, P + N] and the slot count. The
-    prefix tokens are singletons; ``scope="window"`` clusters each window of the patch grid."""
-    num_prefix = info["num_prefix_tokens"]
+def _dense_partition(metric: Tensor, settings: ReductionSettings, info: dict) -> Partition:
+    """Dense mode's clusters of metric [B, P + N, D], one group per image: labels [B, P + N], the
+    P prefix tokens singletons 0..P-1. ``scope="window"`` clusters each window of the patch grid
+    apart (:func:`~atc_det.vitdet_block.cluster_grid`) and numbers an image's windows' clusters one
+    after another from P (a padded window's padding cluster keeps its label, without members)."""
+    num_prefix, (height, width) = info["num_prefix_tokens"], info["grid"]
+    batch, num_tokens, _ = metric.shape
     if settings.scope == "image":
         valid = torch.ones(metric.shape[:2], dtype=torch.bool, device=metric.device)
-        real_counts = [metric.shape[1] - num_prefix] * metric.shape[0]
-        return cluster_tokens(metric, valid, settings, real_counts, protected=num_prefix)[:2]
-    labels, num_slots = _window_labels(metric[:, num_prefix:], info["grid"], settings, num_prefix)
-    prefix = torch.arange(num_prefix, device=labels.device).expand(labels.shape[0], -1)
-    return torch.cat([prefix, labels], 1), num_slots
-
-
-def _window_labels(metric: Tensor, grid: tuple[int, int], settings: ReductionSettings,
-                   offset: int) -> tuple[Tensor, int]:
-    """Cluster each ``settings.window_size`` window of a patch grid apart: metric [B, h * w, D]
-    (row-major patches) -> image labels [B, h * w] and the slot count. An image's windows number
-    their clusters one after another from ``offset`` (a padded window's padding cluster has no
-    member in the image: its slot stays empty)."""
-    (batch, num_tokens, _), (height, width) = metric.shape, grid
-    window_size = settings.window_size
-    if num_tokens != height * width:
+        real_counts = [num_tokens - num_prefix] * batch
+        return cluster_tokens(metric, valid, settings, real_counts, protected=num_prefix)
+    if num_tokens - num_prefix != height * width:
         raise ValueError(f"scope 'window' needs the {height}x{width} patch grid of the model, got "
-                         f"{num_tokens} patch tokens")
-    tokens, valid, _, pad_hw = group_tokens(metric.reshape(batch, height, width, -1), window_size)
-    part = cluster_tokens(tokens, valid, settings,
-                          real_counts=window_real_counts(height, width, window_size) * batch)
-    starts, num_slots = window_slot_starts(part.cluster_counts, part.labels.shape[0] // batch, offset)
-    first_slot = torch.tensor(starts).to(metric.device, non_blocking=True)
-    labels = ungroup_tokens((part.labels + first_slot[:, None])[..., None], window_size, pad_hw, grid)
-    return labels.reshape(batch, num_tokens), num_slots
+                         f"{num_tokens - num_prefix} patch tokens")
+    window_size = settings.window_size
+    windows = cluster_grid(metric[:, num_prefix:].reshape(batch, height, width, -1), window_size, settings)
+    ids, counts = image_cluster_ids(windows.labels, windows.cluster_counts, window_size, (height, width),
+                                    offset=num_prefix)
+    per_image = len(windows.real_cluster_counts) // batch
+    real_counts = [num_prefix + sum(windows.real_cluster_counts[i:i + per_image])
+                   for i in range(0, len(windows.real_cluster_counts), per_image)]
+    prefix = torch.arange(num_prefix, device=ids.device).expand(batch, -1)
+    return Partition(torch.cat([prefix, ids.reshape(batch, -1)], 1), max(counts), counts, real_counts)
 
 
 def _merge(x: Tensor, metric: Tensor, settings: ReductionSettings, info: dict) -> Tensor:
