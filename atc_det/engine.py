@@ -197,6 +197,16 @@ class Trainer(DefaultTrainer):
         )
 
 
+def build_eval_model(cfg: CfgNode, resume: bool = False) -> torch.nn.Module:
+    """The model of a yacs config with ``MODEL.WEIGHTS`` loaded (strictly, unless
+    ``MODEL.WEIGHTS_STRICT`` is off), as ``tools/train_net.py --eval-only`` evaluates it; with
+    ``resume``, ``OUTPUT_DIR``'s last checkpoint instead when there is one."""
+    model = Trainer.build_model(cfg)
+    Checkpointer(model, save_dir=cfg.OUTPUT_DIR, strict=cfg.MODEL.WEIGHTS_STRICT
+                 ).resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    return model
+
+
 def load_config(config_file: str, opts: List[str] | None = None) -> CfgNode:
     """A frozen config from defaults + atc_det keys + ``config_file`` + ``KEY VALUE`` overrides.
 

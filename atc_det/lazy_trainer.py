@@ -173,6 +173,16 @@ def build_lazy_model(cfg: DictConfig) -> torch.nn.Module:
     return model.to(cfg.train.device)
 
 
+def build_lazy_eval_model(cfg: DictConfig, resume: bool = False) -> torch.nn.Module:
+    """The model of a LazyConfig with ``train.init_checkpoint`` loaded strictly, as
+    ``tools/train_net.py --eval-only`` evaluates it; with ``resume``, ``train.output_dir``'s last
+    checkpoint instead when there is one."""
+    model = build_lazy_model(cfg)
+    Checkpointer(model, save_dir=cfg.train.output_dir, hint=Checkpointer.LAZY_HINT).resume_or_load(
+        cfg.train.init_checkpoint, resume=resume)
+    return model
+
+
 def do_train(cfg: DictConfig, resume: bool) -> dict | None:
     """Detectron2's LazyConfig training loop: (AMP)SimpleTrainer with LR schedule, atomic
     periodic checkpoints, evaluation every ``train.eval_period`` and after training, writers.
@@ -217,7 +227,5 @@ def lazy_main(args) -> dict | None:
     if not args.eval_only:
         return do_train(cfg, args.resume)
     with exit_on_bad_input():
-        model = _create_ddp_model(build_lazy_model(cfg))
-        Checkpointer(model, save_dir=cfg.train.output_dir, hint=Checkpointer.LAZY_HINT).resume_or_load(
-            cfg.train.init_checkpoint, resume=args.resume)
+        model = _create_ddp_model(build_lazy_eval_model(cfg, resume=args.resume))
     return do_test(cfg, model)

@@ -485,28 +485,24 @@ def build_route(spec: SweepSpec):
     """(model with its weights loaded, evaluate(), test dataset names, seed) as
     ``tools/train_net.py --eval-only`` sets them up."""
     from atc_det.data.datasets import prepare_datasets
-    from atc_det.engine import Checkpointer, Trainer, exit_on_bad_input, setup
+    from atc_det.engine import Trainer, build_eval_model, exit_on_bad_input, setup
 
     args = argparse.Namespace(config_file=spec.config_file, opts=spec.opts, eval_only=True, resume=False)
     if spec.lazy:
         from detectron2.engine import default_setup
 
-        from atc_det.lazy_trainer import build_lazy_model, dataset_names, do_test, load_lazy_config
+        from atc_det.lazy_trainer import build_lazy_eval_model, dataset_names, do_test, load_lazy_config
 
         cfg = load_lazy_config(spec.config_file, spec.opts)
         default_setup(cfg, args)
         names = dataset_names(cfg, eval_only=True)
         prepare_datasets(names)
         with exit_on_bad_input():
-            model = build_lazy_model(cfg)
-            Checkpointer(model, save_dir=cfg.train.output_dir, hint=Checkpointer.LAZY_HINT
-                         ).resume_or_load(cfg.train.init_checkpoint, resume=False)
+            model = build_lazy_eval_model(cfg)
         return model, lambda: do_test(cfg, model), names, cfg.train.get("seed", 0)
     cfg = setup(args)
     with exit_on_bad_input():
-        model = Trainer.build_model(cfg)
-        Checkpointer(model, save_dir=cfg.OUTPUT_DIR, strict=cfg.MODEL.WEIGHTS_STRICT
-                     ).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+        model = build_eval_model(cfg)
     return model, lambda: Trainer.test(cfg, model), list(cfg.DATASETS.TEST), cfg.SEED
 
 

@@ -22,7 +22,7 @@ from detectron2.utils.file_io import PathManager
 from torch.multiprocessing import ProcessExitedException
 
 from atc_det.data.datasets import prepare_datasets
-from atc_det.engine import Checkpointer, Trainer, check_weights, exit_on_bad_input, load_config, setup
+from atc_det.engine import Trainer, build_eval_model, check_weights, exit_on_bad_input, load_config, setup
 from atc_det.lazy_trainer import check_lazy_inputs, lazy_main, load_lazy_config
 from atc_det.modeling import check_config
 
@@ -63,10 +63,7 @@ def yacs_main(args):
     cfg = setup(args)
     with exit_on_bad_input():  # e.g. a checkpoint whose keys don't match the model
         if args.eval_only:
-            model = Trainer.build_model(cfg)
-            Checkpointer(
-                model, save_dir=cfg.OUTPUT_DIR, strict=cfg.MODEL.WEIGHTS_STRICT
-            ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            model = build_eval_model(cfg, resume=args.resume)
         else:
             trainer = Trainer(cfg)
             trainer.resume_or_load(resume=args.resume)

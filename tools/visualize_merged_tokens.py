@@ -34,7 +34,7 @@ from detectron2.utils.env import seed_all_rng
 
 from atc_det import visualize
 from atc_det.config import add_atc_det_config
-from atc_det.engine import Checkpointer, Trainer, check_weights, exit_on_bad_input, load_config
+from atc_det.engine import build_eval_model, check_weights, exit_on_bad_input, load_config
 from atc_det.registry import method_names
 
 KEY_LIKE = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z][A-Z0-9_]*)+")  # e.g. MODEL.ATC.KEEP_RATE
@@ -131,10 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     check_weights(cfg.MODEL.WEIGHTS)
     sources = image_sources(args)
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)  # the same random weights on every run
-    model = Trainer.build_model(cfg).eval()
-    if cfg.MODEL.WEIGHTS:
-        Checkpointer(model, strict=cfg.MODEL.WEIGHTS_STRICT).load(cfg.MODEL.WEIGHTS)
-    else:
+    model = build_eval_model(cfg).eval()
+    if not cfg.MODEL.WEIGHTS:
         print("warning: MODEL.WEIGHTS is empty: the model has random weights", file=sys.stderr)
     metadata = thing_metadata(args.dataset or cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None
     for name, file in tqdm(sources, desc="images", unit="image", disable=len(sources) < 2):
