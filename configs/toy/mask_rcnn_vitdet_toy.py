@@ -1,5 +1,6 @@
 # The embedded default as a LazyConfig: the tiny ViTDet Mask R-CNN of toy_vitdet.yaml (ViT with
-# 192 channels, 4 blocks, 3 heads, windows of 8 at 256 px; a 64-channel pyramid and heads) on the
+# 192 channels, 8 blocks, 3 heads, windows of 8 at 256 px; a 64-channel pyramid, a 2-fc box head
+# and a 2-conv mask head) on the
 # synthetic toy shapes dataset (generated on first use), trained on the CPU. Same model, data
 # and schedule as the yacs file; Detectron2's LazyConfig trainer has no gradient clipping, so it
 # trains without the yacs file's clipping at norm 1.
@@ -12,8 +13,9 @@ from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 model = model_zoo.get_config("common/models/mask_rcnn_vitdet.py").model
-model.backbone.net.update(img_size=256, pretrain_img_size=256, embed_dim=192, depth=4, num_heads=3,
-                          drop_path_rate=0.0, window_size=8, window_block_indexes=[0, 2])
+model.backbone.net.update(img_size=256, pretrain_img_size=256, embed_dim=192, depth=8, num_heads=3,
+                          drop_path_rate=0.0, window_size=8,
+                          window_block_indexes=[0, 1, 2, 4, 5, 6])
 model.backbone.update(out_channels=64, square_pad=256)
 model.proposal_generator.head.in_channels = 64
 model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
@@ -21,10 +23,10 @@ model.proposal_generator.update(batch_size_per_image=128, pre_nms_topk=(1000, 50
                                 post_nms_topk=(300, 200))
 model.roi_heads.update(num_classes=4, batch_size_per_image=128)
 model.roi_heads.box_head.update(input_shape=ShapeSpec(channels=64, height=7, width=7),
-                                conv_dims=[64] * 4, fc_dims=[256])
+                                conv_dims=[], fc_dims=[256, 256])
 model.roi_heads.box_predictor.input_shape = ShapeSpec(channels=256)
 model.roi_heads.mask_head.update(input_shape=ShapeSpec(channels=64, width=14, height=14),
-                                 conv_dims=[64] * 5)
+                                 conv_dims=[64] * 3)
 
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
 dataloader.train.dataset.names = "toy_shapes_train"
@@ -38,12 +40,12 @@ dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_lengt
 dataloader.test.num_workers = 1
 
 train = model_zoo.get_config("common/train.py").train
-train.update(output_dir="output/toy_vitdet_lazy", max_iter=520, eval_period=0, seed=0)
+train.update(output_dir="output/toy_vitdet_lazy", max_iter=1100, eval_period=0, seed=0)
 train.checkpointer.period = 500
 
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=[420, 490], num_updates=train.max_iter
+        values=[1.0, 0.1, 0.01], milestones=[900, 1040], num_updates=train.max_iter
     ),
     warmup_length=50 / train.max_iter,
     warmup_factor=0.001,
