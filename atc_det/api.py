@@ -69,7 +69,8 @@ def apply_atc(
         threshold: dynamic ATC stopping instead of the keep rate.
         options: ``cluster_blocks`` (label reuse, dense mode), ``scope`` ("window": cluster
             each 14x14 window of the patch grid, the default for Detectron2; "image": the whole
-            image, the default for timm), Detectron2's ``rel_pos`` and clustering-method
+            image, the default for timm), Detectron2's and SAM's ``rel_pos`` and ``real_area``
+            (the keep rate counted over each image's unpadded area), and clustering-method
             options (e.g. ``k_neighbors``, ``generator``).
     Returns ``model``; :func:`remove_atc` undoes it.
     """
@@ -89,6 +90,9 @@ def apply_atc(
     if "rel_pos" in options:
         raise ValueError("rel_pos applies to Detectron2 ViTs (decomposed relative positions); a "
                          "timm VisionTransformer has none: drop rel_pos=")
+    if "real_area" in options:
+        raise ValueError("real_area applies to Detectron2's ViT and SAM's image encoder, whose inputs "
+                         "are padded; a timm VisionTransformer has no padding: drop real_area=")
     return apply_atc_timm(model, keep_rate, linkage, blocks, mode=mode or "merge", **arguments)
 
 

@@ -18,6 +18,9 @@ The adapters (:mod:`atc_det.vitdet_block` for Detectron2's ViT and SAM's image e
 - ``prop_attn``: proportional attention, log(cluster size) added to the attention logits.
 - ``threshold``: dynamic ATC stopping (merge while the linkage distance <= threshold) instead of
   a keep rate.
+- ``real_area`` (ViTDet-style encoders, dense mode): the keep rate counts each group's tokens
+  inside the image's real area only; the input padding (SAM pads every image to 1024x1024,
+  Detectron2's ViTDet to a square) is one more cluster per group.
 
 The steps of the dense reduced block that every adapter runs are in :mod:`atc_det.vitdet_block`.
 """
@@ -62,6 +65,7 @@ class ReductionSettings:
     window_size: int = 14
     threshold: float | None = None
     rel_pos: str = "centroid"
+    real_area: bool = False
     record_source: bool = False
     method_options: dict = field(default_factory=dict)
     cluster_fn: ClusteringMethod = field(init=False, repr=False, compare=False)

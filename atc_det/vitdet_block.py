@@ -28,7 +28,8 @@ framework's). A reduced block, on ``x`` [B, H, W, C]:
 2. clusters the groups on the attention keys (heads averaged) or on the normalised input of the
    block (:func:`cluster_grid`): every full window into the same K = int(keep_rate * 196)
    clusters in one batched call; a window with padding keeps the same fraction of its real
-   tokens, plus one padding cluster;
+   tokens, plus one padding cluster; with ``real_area`` the input's zero padding counts as such
+   padding too (its patches are found by :class:`RealAreaInput`);
 3. runs attention + MLP on the size-weighted mean tokens (only the used clusters: no padding
    or empty slots, :func:`cluster_layout`), with proportional attention (+ log cluster size on
    the logits) and decomposed relative positions for a cluster's position given as a
@@ -66,7 +67,14 @@ from atc_det.reduction import (
     cluster_tokens,
     merges_nothing,
 )
-from atc_det.windows import group_tokens, image_cluster_ids, ungroup_tokens, window_real_counts
+from atc_det.windows import (
+    group_tokens,
+    image_cluster_ids,
+    real_area_groups,
+    real_patch_extent,
+    ungroup_tokens,
+    window_real_counts,
+)
 
 __all__ = ["ATCBlock", "apply_reduction", "cluster_block_update", "cluster_grid", "collect_source_maps",
            "dense_partition", "remove_reduction", "unwrapped_block"]
@@ -286,15 +294,33 @@ def dense_partition(settings: ReductionSettings, state: dict, cluster: Callable[
     return state["partition"]
 
 
-def cluster_grid(metric: Tensor, window_size: int, settings: ReductionSettings) -> Partition:
+def cluster_grid(metric: Tensor, window_size: int, settings: ReductionSettings,
+                 real_hw: Sequence[tuple[int, int]] | None = None) -> Partition:
     """One clustering call for a patch grid: metric [B, H, W, D] -> the clusters of each
     ``window_size`` window apart (:func:`~atc_det.windows.group_tokens`: row-major windows, edge
     windows padded, every window keeps the same fraction of its real tokens), labels
-    [B * nW, window_size ** 2]; ``window_size`` 0: of each image, labels [B, H * W]."""
+    [B * nW, window_size ** 2]; ``window_size`` 0: of each image, labels [B, H * W].
+
+    ``real_hw`` (``settings.real_area``): each image's real area [B] ((rows, cols) of patches
+    from the top left; the rest is input padding). A group then keeps the fraction of the tokens
+    of its real area, plus one cluster of its input padding and one of its window padding."""
     batch, height, width, _ = metric.shape
     grouped, valid, _, _ = group_tokens(metric, window_size)
-    # ``cluster_tokens`` as this module names it: benchmarks/ time and replay it here.
-    return cluster_tokens(grouped, valid, settings, window_real_counts(height, width, window_size) * batch)
+    if real_hw is None:
+        # ``cluster_tokens`` as this module names it: benchmarks/ time and replay it here.
+        return cluster_tokens(grouped, valid, settings, window_real_counts(height, width, window_size) * batch)
+    inside, in_grid = real_area_groups(real_hw, (height, width), window_size)  # host data
+    part = cluster_tokens(grouped, valid & inside.to(valid.device, non_blocking=True), settings,
+                          inside.sum(1).tolist())
+    # cluster_tokens put a group's input and window padding in one cluster: split them.
+    has_padding = (in_grid & ~inside).any(1)
+    split = has_padding & ~in_grid.all(1)
+    slot = torch.tensor(part.cluster_counts)[:, None].expand_as(in_grid)  # a new last slot
+    labels = torch.where((~in_grid & split[:, None]).to(valid.device, non_blocking=True),
+                         slot.to(valid.device, non_blocking=True), part.labels)
+    counts = [count + extra for count, extra in zip(part.cluster_counts, split.tolist())]
+    real = [count + extra for count, extra in zip(part.real_cluster_counts, has_padding.tolist())]
+    return Partition(labels, max(counts), counts, real)
 
 
 def cluster_block_update(block: torch.nn.Module, merged: Tensor, attend: Callable[[Tensor], Tensor],
@@ -332,8 +358,11 @@ class ATCBlock:
 
     def _cluster(self, x: Tensor, group: int) -> Partition:
         """This block's one clustering call: the clusters of x [B, H, W, C] on its metric, each
-        ``group`` x ``group`` window apart (0: each image), labels [B * nW, group ** 2]."""
-        return cluster_grid(cluster_metric(self._atc.metric, self.norm1(x), self.attn), group, self._atc)
+        ``group`` x ``group`` window apart (0: each image), labels [B * nW, group ** 2]; with
+        ``real_area``, counted over the real areas that :class:`RealAreaInput` recorded."""
+        real_hw = self._atc_state["real_hw"] if self._atc.real_area else None
+        return cluster_grid(cluster_metric(self._atc.metric, self.norm1(x), self.attn), group, self._atc,
+                            real_hw)
 
     def _merge_partition(self, x: Tensor, group: int, tokens: Tensor, valid: Tensor) -> Partition:
         """Merge mode's clusters of x's grouped tokens [G, S, C] (``valid`` [G, S]), stored in the
@@ -411,18 +440,37 @@ class ATCBlock:
         return x
 
 
+class RealAreaInput:
+    """Mixin for the encoder's ``patch_embed`` (``real_area=True``): before embedding the images
+    [B, C, H, W] it records each one's real area in patches in the reduced blocks' shared state
+    (``"real_hw"``, :func:`~atc_det.windows.real_patch_extent`: the input without its zero
+    padding at the bottom and right). Put in place by :func:`apply_reduction`."""
+
+    _atc_state: dict
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._atc_state["real_hw"] = real_patch_extent(x, self.proj.stride)
+        return super().forward(x)
+
+
 # ---------------------------------------------------------------------------------------------
 # Patching an encoder's blocks
 # ---------------------------------------------------------------------------------------------
 
 
-def check_atc_arguments(depth: int, keep_rate, linkage, blocks, cluster_blocks=None, **options
-                        ) -> tuple[list[int], list[float | None]]:
+def check_atc_arguments(depth: int, keep_rate, linkage, blocks, cluster_blocks=None, real_area=False,
+                        **options) -> tuple[list[int], list[float | None]]:
     """:func:`~atc_det.reduction.check_reduction` for a ViTDet-style encoder of ``depth`` blocks
-    (default blocks: all but the first), plus merge mode's need for window scope and label reuse
-    (``cluster_blocks``). Returns the blocks and their keep rates (None: the block reuses the
-    partition)."""
+    (default blocks: all but the first), plus merge mode's need for window scope, label reuse
+    (``cluster_blocks``) and ``real_area``. Returns the blocks and their keep rates (None: the
+    block reuses the partition)."""
     block_ids, rates = check_reduction(depth, keep_rate, linkage, blocks, range(1, depth), **options)
+    if not isinstance(real_area, bool):
+        raise ValueError(f"real_area (MODEL.ATC.REAL_AREA) must be True or False, got {real_area!r}")
+    if real_area and (options.get("mode") != "dense" or options.get("threshold") is not None):
+        raise ValueError("real_area (MODEL.ATC.REAL_AREA) counts the keep rate over each image's "
+                         "unpadded area: it needs mode 'dense' (MODEL.ATC.MODE) and a keep rate, "
+                         "not a threshold (MODEL.ATC.THRESHOLD)")
     if options.get("mode") == "merge" and options.get("scope") != "window":
         raise ValueError("mode 'merge' (MODEL.ATC.MODE) needs scope 'window' (MODEL.ATC.SCOPE): "
                          "windowed blocks after a reduction attend within the windows' clusters")
@@ -434,7 +482,7 @@ def check_atc_arguments(depth: int, keep_rate, linkage, blocks, cluster_blocks=N
 
 
 def apply_reduction(
-    encoder_blocks: nn.ModuleList,
+    encoder: nn.Module,
     block_type: type,
     keep_rate: float | Sequence[float] = 0.5,
     linkage: str = "average",
@@ -448,15 +496,19 @@ def apply_reduction(
     threshold: float | None = None,
     rel_pos: str = "centroid",
     cluster_blocks: Sequence[int] | None = None,
+    real_area: bool = False,
     **method_options,
 ) -> None:
-    """Make the selected ``encoder_blocks`` (each a ``block_type``, possibly wrapped for
-    activation checkpointing) reduced blocks, in place; applying again replaces the settings.
-    The arguments are those of :func:`atc_det.apply_atc` (checked here)."""
+    """Make the selected blocks of ``encoder`` (a ViTDet-style encoder: ``encoder.blocks``, each
+    a ``block_type``, possibly wrapped for activation checkpointing; ``encoder.patch_embed``)
+    reduced blocks, in place; applying again replaces the settings. The arguments are those of
+    :func:`atc_det.apply_atc` (checked here); ``real_area`` also makes ``encoder.patch_embed`` a
+    :class:`RealAreaInput`."""
+    encoder_blocks = encoder.blocks
     block_ids, rates = check_atc_arguments(
         len(encoder_blocks), keep_rate, linkage, blocks, method=method, metric=metric, mode=mode,
         prop_attn=prop_attn, scope=scope, threshold=threshold, rel_pos=rel_pos,
-        cluster_blocks=cluster_blocks)
+        cluster_blocks=cluster_blocks, real_area=real_area)
     checkpointed = False
     for index, module in enumerate(encoder_blocks):
         block, how = unwrapped_block(module, block_type)
@@ -468,14 +520,18 @@ def apply_reduction(
         raise ValueError("activation checkpointing (use_act_checkpoint) works with mode 'dense' "
                          "without cluster_blocks: merge mode and label reuse carry the partition "
                          "from block to block, which a recomputed block would not see")
-    remove_reduction(encoder_blocks, block_type)
+    remove_reduction(encoder, block_type)
     window_sizes = [unwrapped_block(b, block_type)[0].window_size for b in encoder_blocks
                     if unwrapped_block(b, block_type)[0].window_size > 0]
     if mode == "merge":  # every block from the first reduction on runs on the clusters
         keep = dict(zip(block_ids, rates))
         block_ids = list(range(block_ids[0], len(encoder_blocks)))
         rates = [keep.get(index) for index in block_ids]
-    state: dict = {"partition": None}  # the current partition (merge mode, label reuse)
+    # The current partition (merge mode, label reuse) and each image's real area (real_area).
+    state: dict = {"partition": None, "real_hw": None}
+    if real_area:
+        swap_class(encoder.patch_embed, RealAreaInput, "RealArea" + type(encoder.patch_embed).__name__)
+        encoder.patch_embed._atc_state = state
     for index, rate in zip(block_ids, rates):
         block, how = unwrapped_block(encoder_blocks[index], block_type)
         swap_class(block, ATCBlock, "ATC" + block_type.__name__)
@@ -495,6 +551,7 @@ def apply_reduction(
             window_size=window_sizes[0] if window_sizes else 14,
             threshold=threshold if rate is not None else None,
             rel_pos=rel_pos,
+            real_area=real_area,
             method_options={"linkage": linkage, **method_options} if method == "atc" else method_options,
         )
         block._atc_source_map = None
@@ -502,9 +559,11 @@ def apply_reduction(
         block._atc_first = index == block_ids[0]
 
 
-def remove_reduction(encoder_blocks: nn.ModuleList, block_type: type) -> None:
+def remove_reduction(encoder: nn.Module, block_type: type) -> None:
     """Undo :func:`apply_reduction` in place (blocks without ATC are left as they are)."""
-    for module in encoder_blocks:
+    if isinstance(encoder.patch_embed, RealAreaInput):
+        unswap_class(encoder.patch_embed, RealAreaInput, ("_atc_state",))
+    for module in encoder.blocks:
         block = unwrapped_block(module, block_type)[0]
         if isinstance(block, ATCBlock):
             if "_atc_saved_forward" in block.__dict__:

@@ -115,3 +115,29 @@ def image_cluster_ids(labels: Tensor, counts: Sequence[int], window_size: int,
     padded = hw if window_size == 0 else tuple(-(-n // window_size) * window_size for n in hw)
     ids = ungroup_tokens((labels + first[:, None])[..., None], window_size, padded, hw)
     return ids[..., 0], totals
+
+
+def real_patch_extent(images: Tensor, patch_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """Each image's real area in patches, from the zero padding at its bottom and right (what
+    SAM's ``preprocess`` and Detectron2's ``ImageList`` add after normalising): images
+    [B, C, H, W] -> [(rows, cols)] per image, the patches up to its last non-zero pixel row and
+    column (at least 1 x 1). One read to the host."""
+    nonzero = images.ne(0).any(1)  # [B, H, W]
+    extents = []
+    for lines, dim in ((nonzero.any(2), 2), (nonzero.any(1), 3)):
+        index = torch.arange(1, images.shape[dim] + 1, device=images.device)
+        extents.append((lines * index).amax(1))  # last non-zero line, 1-based; 0 if none
+    rows, cols = torch.stack(extents).tolist()
+    return [(max(1, -(-r // patch_size[0])), max(1, -(-c // patch_size[1]))) for r, c in zip(rows, cols)]
+
+
+def real_area_groups(real_hw: Sequence[tuple[int, int]], hw: tuple[int, int], window_size: int
+                     ) -> tuple[Tensor, Tensor]:
+    """Where the real areas ``real_hw`` [B] ((rows, cols) from the top left) of a [B, H, W] grid
+    fall in :func:`group_tokens`' groups: real [B * nW, S] (inside an image's real area) and
+    valid [B * nW, S] (inside the grid, not window padding). Built on the CPU: host data."""
+    inside = torch.zeros(len(real_hw), *hw, 1)
+    for image, (rows, cols) in enumerate(real_hw):
+        inside[image, :rows, :cols] = 1
+    grouped, valid, _, _ = group_tokens(inside, window_size)
+    return grouped[..., 0] > 0, valid

@@ -1,5 +1,5 @@
-"""What ATC does with the padding of Segment Anything's inputs, and what a padding-aware budget
-would do instead (SAM-B's image encoder, random weights).
+"""What ATC does with the padding of Segment Anything's inputs, and what the padding-aware
+options do instead: ``real_area=True`` and threshold mode (SAM-B's image encoder, random weights).
 
     OMP_NUM_THREADS=2 flock /tmp/cpu.lock .venv/bin/python benchmarks/sam_padding.py \
         --json docs/sam_padding.json --png docs/sam_padding.png          # docs/sam.md, padding
@@ -16,11 +16,10 @@ Policies, each on the same input, clusters counted in each reduced block's clust
 
 - ``keep k``: the library's fixed keep rate (``apply_atc(encoder, keep_rate=k)``): every window
   keeps k of its tokens, padding or not.
-- ``real-area keep r``: a measurement only (the library API is not changed): each window keeps
+- ``real-area keep r``: ``apply_atc(encoder, keep_rate=r, real_area=True)``: each window keeps
   ``int(r * its real tokens)`` clusters of its real tokens plus one cluster of its padding tokens
-  (the library's ``cluster_tokens`` called with the padding marked invalid, as it treats window
-  padding; the window padding kept in a cluster of its own). ``r = k`` (the real area at the
-  resolution a square photo gets), and ``r`` that spends the same total clusters as ``keep k``.
+  (and one of its window padding). ``r = k`` (the real area at the resolution a square photo
+  gets), and ``r`` that spends the same total clusters as ``keep k``.
 - ``threshold t``: the library's threshold mode (``apply_atc(encoder, threshold=t)``: merge while
   the linkage distance is <= t): ``t`` tiny (only tokens with equal keys merge), and ``t`` found
   by bisection to spend about the same total clusters as ``keep k``.
@@ -107,60 +106,24 @@ def window_counts(real: torch.Tensor) -> list[dict]:
 
 
 @contextlib.contextmanager
-def real_area_budget(real: torch.Tensor):
-    """While active, the reduced blocks cluster each window's real tokens at their keep rate (of
-    the real tokens) and put its SAM padding in one cluster and its window padding in another: the
-    library's ``cluster_tokens`` with the padding marked invalid, the window padding split off
-    after. Batch 1; window scope (the groups are the 14x14 windows, row-major)."""
-    from atc_det import vitdet_block
-    from atc_det.reduction import Partition
-    from atc_det.windows import group_tokens
-
-    original = vitdet_block.cluster_tokens
-    grouped, _, _, _ = group_tokens((~real)[None, ..., None].float(), WINDOW)
-    padding = grouped[..., 0] > 0  # [G, 196]: SAM padding (window padding is 0 here)
-
-    def clustered(metric, valid, settings, real_counts, protected=0):
-        if metric.shape[:2] != padding.shape:
-            raise ValueError(f"real_area_budget: groups {tuple(metric.shape[:2])}, expected "
-                             f"{tuple(padding.shape)} (batch 1, window scope)")
-        inner = valid & ~padding.to(valid.device)
-        counts = inner.sum(1).tolist()
-        part = original(metric, inner, settings, counts, protected)
-        has_padding = (valid & padding).any(1).tolist()
-        split = [p and bool(w) for p, w in zip(has_padding, (~valid).any(1).tolist())]
-        slot = torch.tensor(part.cluster_counts, device=valid.device)[:, None]  # a new last slot
-        labels = torch.where(~valid & torch.tensor(split, device=valid.device)[:, None], slot, part.labels)
-        cluster_counts = [c + s for c, s in zip(part.cluster_counts, split)]
-        real_cluster_counts = [k + p for k, p in zip(part.real_cluster_counts, has_padding)]
-        return Partition(labels, max(cluster_counts), cluster_counts, real_cluster_counts)
-
-    vitdet_block.cluster_tokens = clustered
-    try:
-        yield
-    finally:
-        vitdet_block.cluster_tokens = original
-
-
-@contextlib.contextmanager
 def counted_slots():
     """While active, the clusters each clustering call makes (its partition's cluster counts
     summed over the windows, window padding clusters included: what attention and MLP run on)
     are appended to the yielded list, one entry per reduced block."""
     from atc_det import vitdet_block
 
-    inner, slots = vitdet_block.cluster_tokens, []
+    inner, slots = vitdet_block.cluster_grid, []
 
     def counting(*args, **kwargs):
         part = inner(*args, **kwargs)
         slots.append(sum(part.cluster_counts))
         return part
 
-    vitdet_block.cluster_tokens = counting
+    vitdet_block.cluster_grid = counting
     try:
         yield slots
     finally:
-        vitdet_block.cluster_tokens = inner
+        vitdet_block.cluster_grid = inner
 
 
 def cluster_counts(maps: dict[int, torch.Tensor], real: torch.Tensor) -> dict:
@@ -190,8 +153,7 @@ def feature_error(output: torch.Tensor, reference: torch.Tensor, real: torch.Ten
                 cosine=float(torch.nn.functional.cosine_similarity(out, ref, dim=0).mean()))
 
 
-def evaluate(encoder, image: torch.Tensor, real: torch.Tensor, reference: torch.Tensor,
-             budget=contextlib.nullcontext) -> dict:
+def evaluate(encoder, image: torch.Tensor, real: torch.Tensor, reference: torch.Tensor) -> dict:
     """One forward of the reduced ``encoder``: its cluster counts and its real-area feature error."""
     from atc_det.vitdet_block import collect_source_maps
 
@@ -199,7 +161,7 @@ def evaluate(encoder, image: torch.Tensor, real: torch.Tensor, reference: torch.
     hook = encoder.register_forward_hook(lambda module, args, output: captured.update(output=output))
     try:
         start = time.perf_counter()
-        with budget(), counted_slots() as slots:
+        with counted_slots() as slots:
             maps = collect_source_maps(encoder, image)
         seconds = time.perf_counter() - start
     finally:
@@ -247,18 +209,18 @@ def study(photo: np.ndarray, positions: str, keep: float, linkage: str, tiny: fl
 
     policies = {}
 
-    def run(name: str, model, budget=contextlib.nullcontext, **extra) -> dict:
-        policies[name] = dict(evaluate(model, image, real, reference, budget), **extra)
+    def run(name: str, model, **extra) -> dict:
+        policies[name] = dict(evaluate(model, image, real, reference), **extra)
         row = policies[name]
         print(f"  {positions}: {name}: {row['computed']:.1f} clusters / block ({row['padding_only']:.1f} "
               f"padding, {row['mixed']:.1f} mixed), error {row['relative_error']:.4f}", file=sys.stderr, flush=True)
         return row
 
     fixed = run(f"keep {keep:g}", reduced(keep_rate=keep), keep_rate=keep)
-    run(f"real-area keep {keep:g}", reduced(keep_rate=keep), lambda: real_area_budget(real), real_keep_rate=keep)
+    run(f"real-area keep {keep:g}", reduced(keep_rate=keep, real_area=True), real_keep_rate=keep)
     rate = real_area_rate_for(fixed["computed"], windows)
-    run(f"real-area keep {rate:g} (budget of keep {keep:g})", reduced(keep_rate=rate),
-        lambda: real_area_budget(real), real_keep_rate=rate)
+    run(f"real-area keep {rate:g} (budget of keep {keep:g})", reduced(keep_rate=rate, real_area=True),
+        real_keep_rate=rate)
     run(f"threshold {tiny:g} (equal keys only)", reduced(threshold=tiny), threshold=tiny)
     # Bisection on log t: clusters fall as t rises; the closest of the tries is kept.
     low, high, tries = math.log(1e-6), math.log(2.0), []
@@ -317,18 +279,16 @@ def picture(photo: np.ndarray, encoder_variant: str, keep: float, linkage: str, 
     encoder = sam.image_encoder
     if encoder_variant == "sincos":
         encoder.pos_embed.data.copy_(sincos_position_embedding(64, encoder.pos_embed.shape[-1]))
-    image, input_hw = sam_input(photo, sam)
-    real = real_patches(input_hw, 64)
+    image, _ = sam_input(photo, sam)
     # What the encoder sees: the photo, and SAM's zero padding, which is the pixel mean.
     shown = (image[0] * sam.pixel_std + sam.pixel_mean).clamp(0, 255).permute(1, 2, 0).byte().numpy()
     shown = np.asarray(Image.fromarray(shown).resize((512, 512), Image.BILINEAR))
-    panels = [(f"keep {keep:g}", dict(keep_rate=keep), contextlib.nullcontext),
-              (f"real-area keep {rate:g}", dict(keep_rate=rate), lambda: real_area_budget(real)),
-              (f"threshold {threshold:.3g}", dict(threshold=threshold), contextlib.nullcontext)]
+    panels = [(f"keep {keep:g}", dict(keep_rate=keep)),
+              (f"real-area keep {rate:g}", dict(keep_rate=rate, real_area=True)),
+              (f"threshold {threshold:.3g}", dict(threshold=threshold))]
     tiles = []
-    for title, options, budget in panels:
-        with budget():
-            ids = collect_source_maps(apply_atc(copy.deepcopy(encoder), linkage=linkage, **options), image)[block][0]
+    for title, options in panels:
+        ids = collect_source_maps(apply_atc(copy.deepcopy(encoder), linkage=linkage, **options), image)[block][0]
         tile = Image.fromarray(draw_cluster_borders(shown, pixel_cluster_map(ids, PATCH, (1024, 1024), (512, 512))))
         ImageDraw.Draw(tile).text((6, 492), f"{title}: block {block}, {len(ids.unique())} clusters", fill=(255, 0, 0))
         tiles.append(np.asarray(tile))

@@ -186,6 +186,8 @@ def test_one_validator_for_both_frameworks(framework, arguments, names):
 def test_framework_options_are_rejected_where_they_do_not_apply():
     with pytest.raises(ValueError, match="rel_pos applies to Detectron2"):
         atc_det.apply_atc(tiny_timm(), rel_pos="mean")
+    with pytest.raises(ValueError, match="real_area applies to Detectron2's ViT and SAM"):
+        atc_det.apply_atc(tiny_timm(), real_area=True)
     with pytest.raises(ValueError, match="scope 'window' .* needs mode 'dense'"):
         atc_det.apply_atc(tiny_timm(), scope="window")
     with pytest.raises(ValueError, match="needs scope 'window'"):

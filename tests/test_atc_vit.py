@@ -125,12 +125,14 @@ def test_source_maps_give_a_cluster_per_patch():
 
 def test_apply_atc_from_cfg_uses_the_keys():
     cfg = make_cfg(**{**ATC_ON, "ATC__KEEP_RATE": [0.75, 0.5], "ATC__BLOCKS": [2, 3],
-                      "ATC__METHOD": "tome", "ATC__SCOPE": "image", "ATC__REL_POS": "mean"})
+                      "ATC__METHOD": "tome", "ATC__SCOPE": "image", "ATC__REL_POS": "mean",
+                      "ATC__REAL_AREA": True})
     vit = apply_atc_from_cfg(small_vit(), cfg)
     assert [type(b).__name__ for b in vit.blocks] == ["Block", "Block", "ATCBlock", "ATCBlock"]
     assert [b._atc.keep_rate for b in vit.blocks[2:]] == [0.75, 0.5]
-    settings = {(b._atc.method, b._atc.scope, b._atc.rel_pos) for b in vit.blocks[2:]}
-    assert settings == {("tome", "image", "mean")}
+    settings = {(b._atc.method, b._atc.scope, b._atc.rel_pos, b._atc.real_area) for b in vit.blocks[2:]}
+    assert settings == {("tome", "image", "mean", True)}
+    assert type(vit.patch_embed).__name__ == "RealAreaPatchEmbed"
 
 
 @pytest.mark.parametrize(
@@ -146,6 +148,7 @@ def test_apply_atc_from_cfg_uses_the_keys():
         (dict(ATC__REL_POS="nearest"), "MODEL.ATC.REL_POS"),
         (dict(ATC__BLOCKS=[4]), "MODEL.ATC.BLOCKS"),
         (dict(ATC__METHOD="tome", ATC__THRESHOLD=0.5), "MODEL.ATC.THRESHOLD"),
+        (dict(ATC__REAL_AREA=True, ATC__MODE="merge"), "MODEL.ATC.REAL_AREA"),
     ],
 )
 def test_bad_settings_raise_one_clear_error(keys, message):

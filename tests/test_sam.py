@@ -11,6 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import atc_det
 from atc_det.reduction import CLUSTERING_CALL
+from atc_det.vitdet_block import collect_source_maps
 
 segment_anything = pytest.importorskip("segment_anything")
 from segment_anything.build_sam import _build_sam  # noqa: E402
@@ -81,6 +82,63 @@ def test_keep_one_equals_stock_and_remove_restores():
         assert [type(b) for b in encoder.blocks] == [type(b) for b in stock.blocks]
         assert not any(hasattr(b, "_atc") for b in encoder.blocks)
         torch.testing.assert_close(encoder(images), expected, rtol=0, atol=0)
+
+
+def padded_images(size: int, rows: int, cols: int) -> torch.Tensor:
+    """[1, 3, size, size]: random pixels in the top-left rows x cols, zeros elsewhere (SAM's and
+    Detectron2's padding of a normalised image)."""
+    images = torch.zeros(1, 3, size, size)
+    images[..., :rows, :cols] = torch.randn(1, 3, rows, cols, generator=torch.Generator().manual_seed(5))
+    return images
+
+
+@pytest.mark.parametrize("framework", ["sam", "detectron2"])
+def test_real_area_keep_rate_counts_each_window_over_the_unpadded_area(framework):
+    encoder = sam_encoder(448)  # a 28x28 patch grid: 2x2 windows of 14
+    if framework == "detectron2":
+        vit = detectron2_twin(encoder)
+        vit.patch_embed.load_state_dict(encoder.patch_embed.state_dict())
+        encoder = vit
+    stock_patch_embed = type(encoder.patch_embed)
+    keep = 0.5
+    images = padded_images(448, 300, 200)  # real patches: 19 rows (ceil 300 / 16), 13 cols
+    real = torch.zeros(28, 28, dtype=torch.bool)
+    real[:19, :13] = True
+    atc_det.apply_atc(encoder, keep_rate=keep, real_area=True)
+    maps = collect_source_maps(encoder, images)
+    assert sorted(maps) == [1, 2, 3]
+    for block, ids in maps.items():
+        for r in (0, 14):
+            for c in (0, 14):
+                window, inside = ids[0, r:r + 14, c:c + 14], real[r:r + 14, c:c + 14]
+                real_ids, padding_ids = set(window[inside].tolist()), set(window[~inside].tolist())
+                if inside.any():  # int(keep x real tokens) clusters of the real area
+                    assert len(real_ids) == max(1, int(keep * int(inside.sum()))), (block, r, c)
+                if (~inside).any():  # the padding: one cluster of its own
+                    assert len(padding_ids) == 1 and not padding_ids & real_ids, (block, r, c)
+    # Without padding the real area is the whole grid: the plain keep rate's clusters.
+    unpadded = padded_images(448, 448, 448)
+    features = lambda images: (lambda out: out["last_feat"] if isinstance(out, dict) else out)(encoder(images))  # noqa: E731
+    with torch.no_grad():
+        counted = features(unpadded)
+        atc_det.apply_atc(encoder, keep_rate=keep)
+        assert type(encoder.patch_embed) is stock_patch_embed
+        torch.testing.assert_close(features(unpadded), counted, rtol=0, atol=0)
+        fixed = features(images)
+        atc_det.apply_atc(encoder, keep_rate=keep, real_area=True)
+        assert (features(images) - fixed).abs().max() > 1e-4
+    atc_det.remove_atc(encoder)
+    assert type(encoder.patch_embed) is stock_patch_embed and not hasattr(encoder.patch_embed, "_atc_state")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(real_area=True, mode="merge"), "real_area .* needs mode 'dense'"),
+    (dict(real_area=True, threshold=0.1), "not a threshold"),
+    (dict(real_area="yes"), "real_area .* must be True or False"),
+])
+def test_real_area_bad_arguments(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        atc_det.apply_atc(sam_encoder(), keep_rate=0.5, **arguments)
 
 
 def test_sdpa_peer_equals_stock_sam_and_atc_runs_on_top():

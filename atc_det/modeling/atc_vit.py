@@ -33,6 +33,7 @@ def apply_atc(
     threshold: float | None = None,
     rel_pos: str = "centroid",
     cluster_blocks: Sequence[int] | None = None,
+    real_area: bool = False,
     **method_options,
 ) -> ViT:
     """Make selected blocks of a built Detectron2 ``ViT`` cluster their tokens (in place).
@@ -56,6 +57,11 @@ def apply_atc(
             cluster; every other reduction block reuses the partition of the last clustering
             block before it (merging its own input with those labels, its update scattered back
             to the members). None: every reduction block clusters.
+        real_area: count the keep rate over each image's real area (dense mode): the zero
+            padding at the bottom and right of the normalised input (ViTDet pads every image to
+            a square) is found per forward (one read to the host) and each window keeps
+            ``int(keep_rate * its real tokens)`` clusters plus one of its padding; see
+            ``docs/sam.md``.
         method_options: passed to the clustering method (e.g. ``k_neighbors`` for "dpcknn").
     Applying again replaces the settings. Returns ``vit``, whose parameters and their names are
     unchanged (checkpoints load as they are); :func:`remove_atc` undoes it.
@@ -63,15 +69,15 @@ def apply_atc(
     if not isinstance(vit, ViT):
         raise TypeError(f"apply_atc needs a detectron2.modeling.ViT, got {type(vit).__name__}")
     check_not_combined("atc", False, has_sec(vit.blocks))
-    apply_reduction(vit.blocks, Block, keep_rate, linkage, blocks, method=method, metric=metric,
+    apply_reduction(vit, Block, keep_rate, linkage, blocks, method=method, metric=metric,
                     prop_attn=prop_attn, mode=mode, scope=scope, threshold=threshold, rel_pos=rel_pos,
-                    cluster_blocks=cluster_blocks, **method_options)
+                    cluster_blocks=cluster_blocks, real_area=real_area, **method_options)
     return vit
 
 
 def remove_atc(vit: ViT) -> ViT:
     """Undo :func:`apply_atc` in place (a ViT without ATC blocks is returned unchanged)."""
-    remove_reduction(vit.blocks, Block)
+    remove_reduction(vit, Block)
     return vit
 
 
@@ -91,6 +97,7 @@ def atc_arguments_from_cfg(cfg) -> dict:
         threshold=None if atc.THRESHOLD < 0 else atc.THRESHOLD,
         rel_pos=atc.REL_POS,
         cluster_blocks=list(atc.CLUSTER_BLOCKS) or None,
+        real_area=atc.REAL_AREA,
     )
 
 

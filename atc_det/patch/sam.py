@@ -36,13 +36,13 @@ def apply_atc_sam(encoder: ImageEncoderViT, keep_rate: float | Sequence[float] =
     positions, all blocks but the first. Returns ``encoder``; :func:`remove_atc_sam` undoes it."""
     _check_encoder(encoder, "apply_atc_sam")
     check_not_combined("atc", False, has_sec(encoder.blocks))
-    apply_reduction(encoder.blocks, Block, keep_rate, linkage, blocks, mode=mode, scope=scope, **options)
+    apply_reduction(encoder, Block, keep_rate, linkage, blocks, mode=mode, scope=scope, **options)
     return encoder
 
 
 def remove_atc_sam(encoder: ImageEncoderViT) -> ImageEncoderViT:
     """Undo :func:`apply_atc_sam` in place."""
-    remove_reduction(encoder.blocks, Block)
+    remove_reduction(encoder, Block)
     return encoder
 
 

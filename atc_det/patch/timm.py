@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from atc_det.patching import check_not_combined, swap_class, unswap_class
+from atc_det.patching import SecMixin, check_not_combined, has_sec, swap_class, unswap_class
 from atc_det.merge import compose_source, merge_tokens, unmerge_tokens
 from atc_det.reduction import (
     Partition,
@@ -215,7 +215,7 @@ def apply_atc_timm(
         method_options: passed to the clustering method (e.g. ``generator`` for "random").
     """
     _check_model(model)
-    check_not_combined("atc", False, any(isinstance(b.attn, _SecAttention) for b in model.blocks))
+    check_not_combined("atc", False, has_sec(model.blocks))
     block_ids, rates = check_reduction(
         len(model.blocks), keep_rate, linkage, blocks, default_blocks(len(model.blocks)), method=method,
         metric=metric, mode=mode, prop_attn=prop_attn, threshold=threshold, scope=scope)
@@ -270,7 +270,7 @@ def dense_patch_features(model: nn.Module, images: Tensor) -> Tensor:
     return patches if source is None else unmerge_tokens(patches, source)
 
 
-class _SecAttention:
+class _SecAttention(SecMixin):
     """Mixin for timm's ``Attention``: attention within ``self._sec_groups`` SEC groups of the
     patch tokens; prefix tokens are keys of every group and attend to all tokens."""
 
@@ -305,7 +305,7 @@ def apply_sec_timm(model: nn.Module, blocks: Sequence[int] | None = None, *,
     _check_model(model)
     indexes = check_sec_arguments(len(model.blocks), blocks, global_groups)
     check_not_combined("sec", any(isinstance(b, _ATCBlock) for b in model.blocks),
-                       any(isinstance(b.attn, _SecAttention) for b in model.blocks))
+                       has_sec(model.blocks))
     num_patches = model.patch_embed.num_patches
     if global_groups > num_patches:
         raise ValueError(f"global_groups must be at most the {num_patches} patch tokens, got "
