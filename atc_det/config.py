@@ -83,8 +83,8 @@ def add_atc_config(cfg: CN) -> None:
     # BLOCKS reuses the partition of the last clustering block before it (its tokens are merged
     # with those labels and its update scattered back). Empty: every block of BLOCKS clusters.
     cfg.MODEL.ATC.CLUSTER_BLOCKS = []
-    # Count KEEP_RATE over each image's real area (MODE "dense"): the input's zero padding (to the
-    # square) is one more cluster per window instead of its share of the keep rate.
+    # Count KEEP_RATE over each image's real area (MODE "dense", THRESHOLD < 0): the input's zero
+    # padding (to the square) is one more cluster per window instead of its share of the keep rate.
     cfg.MODEL.ATC.REAL_AREA = False
 
 

@@ -3,8 +3,9 @@ ViTDet ``ViT`` and Segment Anything's ``ImageEncoderViT`` (the same blocks: [B, 
 14x14 windows and global blocks, decomposed relative positions).
 
 The steps of a dense reduced block, small functions that every adapter calls (:class:`ATCBlock`
-here, timm's dense mode in :mod:`atc_det.patch.timm`), with one state, the encoder's current
-:class:`~atc_det.reduction.Partition` in a dict shared by its reduced blocks:
+here, timm's dense mode in :mod:`atc_det.patch.timm`), with one state, a dict shared by the
+encoder's reduced blocks: its current :class:`~atc_det.reduction.Partition` (and, with
+``real_area``, each image's real area, recorded by :class:`RealAreaInput`):
 
 - :func:`dense_partition`: the block's clusters (one clustering call, for a patch grid
   :func:`cluster_grid`), the partition of the last clustering block (label reuse), or None where
@@ -248,23 +249,26 @@ def cluster_positions(valid: Tensor, coords: Tensor, labels: Tensor, num_slots: 
 def cluster_layout(size: Tensor, real: Tensor, partition: Partition, num_images: int,
                    windowed: bool, prop_attn: bool) -> tuple[Tensor, tuple[Tensor, int, int], Tensor]:
     """Which of the [G, K] cluster slots (``size``, ``real`` [G, K]) attend, and with whom,
-    counted on the host (``partition``'s counts): in a windowed block each window's clusters (all
-    non-empty, padding clusters are keys as in Detectron2); else the clusters of all windows of an
-    image, the real tokens where nothing is merged, else all clusters with padding clusters masked
-    out as keys (their outputs are dropped). Returns the flat slot [T] of each used cluster, its
+    counted on the host (``partition``'s counts): in a windowed block each window's clusters
+    (padding clusters are keys as in Detectron2); else the clusters of all windows of an image,
+    the real tokens where nothing is merged, else all clusters with padding clusters masked out as
+    keys (their outputs are dropped). A group's clusters are its slots 0..count-1; one left
+    without members (a moved padding cluster) is no key (bias -inf), its output unused. Returns the flat slot [T] of each used cluster, its
     ``layout`` for :func:`cluster_attention` and the key bias [G, K]
     (:func:`~atc_det.reduction.cluster_attention_bias`)."""
     key_bias = cluster_attention_bias(size, prop_attn)
-    if windowed:
-        slot, position, length = attention_layout(size > 0, partition.cluster_counts)
-        return slot, (position, size.shape[0], length), key_bias
     num_slots, counts = partition.num_slots, partition.cluster_counts
+    clusters = torch.arange(num_slots, device=size.device) < torch.tensor(counts).to(
+        size.device, non_blocking=True)[:, None]  # [G, K]: each group's slots 0..count-1
+    if windowed:
+        slot, position, length = attention_layout(clusters, counts)
+        return slot, (position, size.shape[0], length), key_bias
     identity = num_slots == partition.labels.shape[1] and all(c == num_slots for c in counts)
     if identity:
         counts = partition.real_cluster_counts
     groups = len(counts) // num_images
     per_image = [sum(counts[i * groups:(i + 1) * groups]) for i in range(num_images)]
-    slot, position, length = attention_layout(real if identity else size > 0, per_image)
+    slot, position, length = attention_layout(real if identity else clusters, per_image)
     if not identity:
         key_bias = key_bias.masked_fill(~real, float("-inf"))
     return slot, (position, num_images, length), key_bias
@@ -303,24 +307,30 @@ def cluster_grid(metric: Tensor, window_size: int, settings: ReductionSettings,
 
     ``real_hw`` (``settings.real_area``): each image's real area [B] ((rows, cols) of patches
     from the top left; the rest is input padding). A group then keeps the fraction of the tokens
-    of its real area, plus one cluster of its input padding and one of its window padding."""
+    of its real area, plus the cluster of its input padding and one of its window padding (moved
+    to a new last slot; should the method have split them over several clusters, one left
+    without members stays an empty slot)."""
     batch, height, width, _ = metric.shape
     grouped, valid, _, _ = group_tokens(metric, window_size)
-    if real_hw is None:
-        # ``cluster_tokens`` as this module names it: benchmarks/ time and replay it here.
+    # ``cluster_tokens`` as this module names it: benchmarks/ time and replay it here.
+    if real_hw is None or settings.keeps_all:
         return cluster_tokens(grouped, valid, settings, window_real_counts(height, width, window_size) * batch)
-    inside, in_grid = real_area_groups(real_hw, (height, width), window_size)  # host data
+    if len(real_hw) != batch:
+        raise ValueError(f"real_area: {len(real_hw)} real areas for a batch of {batch} images")
+    inside, in_grid = real_area_groups(real_hw, (height, width), window_size)  # [G, S], host data
     part = cluster_tokens(grouped, valid & inside.to(valid.device, non_blocking=True), settings,
                           inside.sum(1).tolist())
-    # cluster_tokens put a group's input and window padding in one cluster: split them.
-    has_padding = (in_grid & ~inside).any(1)
-    split = has_padding & ~in_grid.all(1)
-    slot = torch.tensor(part.cluster_counts)[:, None].expand_as(in_grid)  # a new last slot
-    labels = torch.where((~in_grid & split[:, None]).to(valid.device, non_blocking=True),
-                         slot.to(valid.device, non_blocking=True), part.labels)
-    counts = [count + extra for count, extra in zip(part.cluster_counts, split.tolist())]
-    real = [count + extra for count, extra in zip(part.real_cluster_counts, has_padding.tolist())]
-    return Partition(labels, max(counts), counts, real)
+    # A group's input padding and window padding are its invalid tokens here: the window padding
+    # of a group with both moves to a new last slot.
+    has_input_padding = (in_grid & ~inside).any(1)
+    has_both = has_input_padding & ~in_grid.all(1)
+    window_padding_label = torch.tensor(part.cluster_counts)[:, None]
+    moved = (~in_grid & has_both[:, None]).to(valid.device, non_blocking=True)
+    labels = torch.where(moved, window_padding_label.to(valid.device, non_blocking=True), part.labels)
+    counts = [count + extra for count, extra in zip(part.cluster_counts, has_both.tolist())]
+    # The partition's "real" clusters are those of in-grid tokens: the input padding's too.
+    in_grid_counts = [count + extra for count, extra in zip(part.real_cluster_counts, has_input_padding.tolist())]
+    return Partition(labels, max(counts), counts, in_grid_counts)
 
 
 def cluster_block_update(block: torch.nn.Module, merged: Tensor, attend: Callable[[Tensor], Tensor],
@@ -347,7 +357,7 @@ class ATCBlock:
     Put in place only by :func:`apply_reduction` (class swap); ``self._atc`` holds its
     :class:`~atc_det.reduction.ReductionSettings`. The blocks of one encoder share
     ``self._atc_state`` (``"partition"``: the current :class:`~atc_det.reduction.Partition`, for
-    merge mode and label reuse), which the first reduction block (``self._atc_first``) starts
+    merge mode and label reuse; ``"real_hw"``: each image's real area, ``real_area``), which the first reduction block (``self._atc_first``) starts
     anew at every forward in merge mode (in dense mode the first reduction block clusters).
     """
 
@@ -360,7 +370,12 @@ class ATCBlock:
         """This block's one clustering call: the clusters of x [B, H, W, C] on its metric, each
         ``group`` x ``group`` window apart (0: each image), labels [B * nW, group ** 2]; with
         ``real_area``, counted over the real areas that :class:`RealAreaInput` recorded."""
-        real_hw = self._atc_state["real_hw"] if self._atc.real_area else None
+        real_hw = None
+        if self._atc.real_area:
+            real_hw = self._atc_state["real_hw"]
+            if real_hw is None:
+                raise RuntimeError("real_area: the input's real area is found by the encoder's "
+                                   "patch_embed; call the encoder, not its blocks")
         return cluster_grid(cluster_metric(self._atc.metric, self.norm1(x), self.attn), group, self._atc,
                             real_hw)
 

@@ -1,7 +1,8 @@
 """Clustering groups of a patch grid: square windows (ViTDet's 14x14 attention windows) or the
-whole image. Pure tensor functions, no Detectron2 or timm: both adapters (Detectron2's ViTDet in
-:mod:`atc_det.modeling.atc_vit`, timm's ``VisionTransformer`` in :mod:`atc_det.patch.timm`)
-split a [B, H, W, C] map into the same groups with these.
+whole image, and an input's real (unpadded) area. Pure tensor functions, no Detectron2 or timm:
+every adapter (the ViTDet-style block of :mod:`atc_det.vitdet_block` for Detectron2 and SAM,
+timm's ``VisionTransformer`` in :mod:`atc_det.patch.timm`) splits a [B, H, W, C] map into the
+same groups with these.
 
 Window order and padding are Detectron2's (``window_partition``: the map is zero padded at the
 bottom and right to a multiple of the window size, windows in row-major order).
@@ -134,8 +135,8 @@ def real_patch_extent(images: Tensor, patch_size: tuple[int, int]) -> list[tuple
 def real_area_groups(real_hw: Sequence[tuple[int, int]], hw: tuple[int, int], window_size: int
                      ) -> tuple[Tensor, Tensor]:
     """Where the real areas ``real_hw`` [B] ((rows, cols) from the top left) of a [B, H, W] grid
-    fall in :func:`group_tokens`' groups: real [B * nW, S] (inside an image's real area) and
-    valid [B * nW, S] (inside the grid, not window padding). Built on the CPU: host data."""
+    fall in :func:`group_tokens`' groups: inside [B * nW, S] (in an image's real area) and
+    in_grid [B * nW, S] (not window padding). Built on the CPU: host data."""
     inside = torch.zeros(len(real_hw), *hw, 1)
     for image, (rows, cols) in enumerate(real_hw):
         inside[image, :rows, :cols] = 1

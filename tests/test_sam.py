@@ -11,6 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import atc_det
 from atc_det.reduction import CLUSTERING_CALL
+from atc_det import vitdet_block
 from atc_det.vitdet_block import collect_source_maps
 
 segment_anything = pytest.importorskip("segment_anything")
@@ -129,6 +130,43 @@ def test_real_area_keep_rate_counts_each_window_over_the_unpadded_area(framework
         assert (features(images) - fixed).abs().max() > 1e-4
     atc_det.remove_atc(encoder)
     assert type(encoder.patch_embed) is stock_patch_embed and not hasattr(encoder.patch_embed, "_atc_state")
+
+
+@pytest.mark.parametrize("method", ["atc", "random", "tome"])
+def test_real_area_with_window_padding_two_images_and_any_method(method):
+    encoder = sam_encoder(512)  # a 32x32 patch grid: windows padded to 42x42
+    stock = copy.deepcopy(encoder)
+    images = torch.cat([padded_images(512, 500, 300), padded_images(512, 200, 512)])
+    real = torch.zeros(2, 32, 32, dtype=torch.bool)
+    real[0, :32, :19] = True  # ceil(300 / 16) = 19 patch columns
+    real[1, :13, :32] = True  # ceil(200 / 16) = 13 patch rows
+    atc_det.apply_atc(encoder, keep_rate=0.5, method=method, real_area=True)
+    for block, ids in collect_source_maps(encoder, images).items():
+        for image in range(2):  # the input padding never shares a cluster with the photo
+            inside, outside = set(ids[image][real[image]].tolist()), set(ids[image][~real[image]].tolist())
+            assert not inside & outside, (block, image)
+    with torch.no_grad():
+        torch.manual_seed(0)  # the random control draws from the global generator
+        output = encoder(images)
+        # ToMe and random may split a window's padding over clusters; the window padding, moved
+        # to its own slot, then leaves an empty slot. The same partition without the empty slots
+        # (labels renumbered) must give the same output.
+        inner = vitdet_block.cluster_grid
+
+        def compacted(*args, **kwargs):
+            part = inner(*args, **kwargs)
+            labels = torch.stack([row.unique(return_inverse=True)[1] for row in part.labels])
+            counts = [int(row.max()) + 1 for row in labels]
+            return part._replace(labels=labels, num_slots=max(counts), cluster_counts=counts)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(vitdet_block, "cluster_grid", compacted)
+            torch.manual_seed(0)
+            torch.testing.assert_close(encoder(images), output, rtol=1e-5, atol=1e-5)
+        # Keep 1: nothing merged, also on the merged-token path of the source maps.
+        atc_det.apply_atc(encoder, keep_rate=1.0, method=method, real_area=True)
+        collect_source_maps(encoder, images)
+        torch.testing.assert_close(encoder(images), stock(images), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arguments, message", [
