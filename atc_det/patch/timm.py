@@ -146,10 +146,10 @@ def _dense_partition(metric: Tensor, settings: ReductionSettings, info: dict) ->
     ids, counts = image_cluster_ids(windows.labels, windows.cluster_counts, window_size, (height, width),
                                     offset=num_prefix)
     per_image = len(windows.real_cluster_counts) // batch
-    real_counts = [num_prefix + sum(windows.real_cluster_counts[i:i + per_image])
-                   for i in range(0, len(windows.real_cluster_counts), per_image)]
+    real_cluster_counts = [num_prefix + sum(windows.real_cluster_counts[i:i + per_image])
+                           for i in range(0, len(windows.real_cluster_counts), per_image)]
     prefix = torch.arange(num_prefix, device=ids.device).expand(batch, -1)
-    return Partition(torch.cat([prefix, ids.reshape(batch, -1)], 1), max(counts), counts, real_counts)
+    return Partition(torch.cat([prefix, ids.reshape(batch, -1)], 1), max(counts), counts, real_cluster_counts)
 
 
 def _merge(x: Tensor, metric: Tensor, settings: ReductionSettings, info: dict) -> Tensor:
