@@ -25,11 +25,18 @@ def coordinate_grid(height: int, width: int, like: Tensor) -> Tensor:
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
 
 
+def padded_size(hw: tuple[int, int], window_size: int) -> tuple[int, int]:
+    """(H, W) rounded up to a multiple of ``window_size`` (0: unchanged)."""
+    if window_size == 0:
+        return hw
+    return -(-hw[0] // window_size) * window_size, -(-hw[1] // window_size) * window_size
+
+
 def split_windows(x: Tensor, window_size: int) -> tuple[Tensor, tuple[int, int]]:
     """[B, H, W, C] -> windows [B * nW, window_size, window_size, C] (zero padded at the bottom
     and right, row-major window order) and the padded size (Hp, Wp)."""
     batch, height, width, channels = x.shape
-    padded = [-(-n // window_size) * window_size for n in (height, width)]
+    padded = padded_size((height, width), window_size)
     x = F.pad(x, (0, 0, 0, padded[1] - width, 0, padded[0] - height))
     rows, cols = padded[0] // window_size, padded[1] // window_size
     x = x.reshape(batch, rows, window_size, cols, window_size, channels).transpose(2, 3)
@@ -113,8 +120,7 @@ def image_cluster_ids(labels: Tensor, counts: Sequence[int], window_size: int,
     groups_per_image = len(window_real_counts(*hw, window_size))
     starts, totals = window_slot_starts(counts, groups_per_image, offset)
     first = torch.tensor(starts).to(labels.device, non_blocking=True)
-    padded = hw if window_size == 0 else tuple(-(-n // window_size) * window_size for n in hw)
-    ids = ungroup_tokens((labels + first[:, None])[..., None], window_size, padded, hw)
+    ids = ungroup_tokens((labels + first[:, None])[..., None], window_size, padded_size(hw, window_size), hw)
     return ids[..., 0], totals
 
 
