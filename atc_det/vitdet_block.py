@@ -299,7 +299,7 @@ def dense_partition(settings: ReductionSettings, state: dict, cluster: Callable[
 
 
 def cluster_grid(metric: Tensor, window_size: int, settings: ReductionSettings,
-                 real_hw: Sequence[tuple[int, int]] | None = None) -> Partition:
+                 real_hw: tuple[tuple[int, int], ...] | None = None) -> Partition:
     """One clustering call for a patch grid: metric [B, H, W, D] -> the clusters of each
     ``window_size`` window apart (:func:`~atc_det.windows.group_tokens`: row-major windows, edge
     windows padded, every window keeps the same fraction of its real tokens), labels
@@ -317,19 +317,15 @@ def cluster_grid(metric: Tensor, window_size: int, settings: ReductionSettings,
         return cluster_tokens(grouped, valid, settings, window_real_counts(height, width, window_size) * batch)
     if len(real_hw) != batch:
         raise ValueError(f"real_area: {len(real_hw)} real areas for a batch of {batch} images")
-    inside, in_grid = real_area_groups(real_hw, (height, width), window_size)  # [G, S], host data
-    part = cluster_tokens(grouped, valid & inside.to(valid.device, non_blocking=True), settings,
-                          inside.sum(1).tolist())
+    area = real_area_groups(tuple(real_hw), (height, width), window_size, valid.device)
+    part = cluster_tokens(grouped, valid & area.inside, settings, area.inside_counts)
     # A group's input padding and window padding are its invalid tokens here: the window padding
     # of a group with both moves to a new last slot.
-    has_input_padding = (in_grid & ~inside).any(1)
-    has_both = has_input_padding & ~in_grid.all(1)
-    window_padding_label = torch.tensor(part.cluster_counts)[:, None]
-    moved = (~in_grid & has_both[:, None]).to(valid.device, non_blocking=True)
-    labels = torch.where(moved, window_padding_label.to(valid.device, non_blocking=True), part.labels)
-    counts = [count + extra for count, extra in zip(part.cluster_counts, has_both.tolist())]
+    window_padding_label = torch.tensor(part.cluster_counts)[:, None].to(valid.device, non_blocking=True)
+    labels = torch.where(area.split_window_padding, window_padding_label, part.labels)
+    counts = [count + extra for count, extra in zip(part.cluster_counts, area.has_both_paddings)]
     # The partition's "real" clusters are those of in-grid tokens: the input padding's too.
-    in_grid_counts = [count + extra for count, extra in zip(part.real_cluster_counts, has_input_padding.tolist())]
+    in_grid_counts = [count + extra for count, extra in zip(part.real_cluster_counts, area.has_input_padding)]
     return Partition(labels, max(counts), counts, in_grid_counts)
 
 
@@ -357,8 +353,9 @@ class ATCBlock:
     Put in place only by :func:`apply_reduction` (class swap); ``self._atc`` holds its
     :class:`~atc_det.reduction.ReductionSettings`. The blocks of one encoder share
     ``self._atc_state`` (``"partition"``: the current :class:`~atc_det.reduction.Partition`, for
-    merge mode and label reuse; ``"real_hw"``: each image's real area, ``real_area``), which the first reduction block (``self._atc_first``) starts
-    anew at every forward in merge mode (in dense mode the first reduction block clusters).
+    merge mode and label reuse; ``"real_hw"``: each image's real area, ``real_area``), which the
+    first reduction block (``self._atc_first``) starts anew at every forward in merge mode (in
+    dense mode the first reduction block clusters).
     """
 
     _atc: ReductionSettings

@@ -10,8 +10,9 @@ bottom and right to a multiple of the window size, windows in row-major order).
 
 from __future__ import annotations
 
+import functools
 import itertools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -124,27 +125,45 @@ def image_cluster_ids(labels: Tensor, counts: Sequence[int], window_size: int,
     return ids[..., 0], totals
 
 
-def real_patch_extent(images: Tensor, patch_size: tuple[int, int]) -> list[tuple[int, int]]:
+def real_patch_extent(images: Tensor, patch_size: tuple[int, int]) -> tuple[tuple[int, int], ...]:
     """Each image's real area in patches, from the zero padding at its bottom and right (what
     SAM's ``preprocess`` and Detectron2's ``ImageList`` add after normalising): images
-    [B, C, H, W] -> [(rows, cols)] per image, the patches up to its last non-zero pixel row and
-    column (at least 1 x 1). One read to the host."""
+    [B, C, H, W] -> ((rows, cols), ...) per image, the patches up to its last non-zero pixel row
+    and column (at least 1 x 1). One read to the host."""
     nonzero = images.ne(0).any(1)  # [B, H, W]
     extents = []
     for lines, dim in ((nonzero.any(2), 2), (nonzero.any(1), 3)):
         index = torch.arange(1, images.shape[dim] + 1, device=images.device)
         extents.append((lines * index).amax(1))  # last non-zero line, 1-based; 0 if none
     rows, cols = torch.stack(extents).tolist()
-    return [(max(1, -(-r // patch_size[0])), max(1, -(-c // patch_size[1]))) for r, c in zip(rows, cols)]
+    return tuple((max(1, -(-r // patch_size[0])), max(1, -(-c // patch_size[1]))) for r, c in zip(rows, cols))
 
 
-def real_area_groups(real_hw: Sequence[tuple[int, int]], hw: tuple[int, int], window_size: int
-                     ) -> tuple[Tensor, Tensor]:
-    """Where the real areas ``real_hw`` [B] ((rows, cols) from the top left) of a [B, H, W] grid
-    fall in :func:`group_tokens`' groups: inside [B * nW, S] (in an image's real area) and
-    in_grid [B * nW, S] (not window padding). Built on the CPU: host data."""
+class RealAreaGroups(NamedTuple):
+    """Where each image's real area falls in :func:`group_tokens`' groups [G, S] of its grid:
+    ``inside`` [G, S] (in the real area) and ``split_window_padding`` [G, S] (the window padding
+    of a group that also holds input padding), both on the device; per group (host data) its
+    tokens inside, whether it holds input padding, and whether both paddings."""
+
+    inside: Tensor
+    split_window_padding: Tensor
+    inside_counts: list[int]
+    has_input_padding: list[bool]
+    has_both_paddings: list[bool]
+
+
+@functools.lru_cache(maxsize=32)
+def real_area_groups(real_hw: tuple[tuple[int, int], ...], hw: tuple[int, int], window_size: int,
+                     device: torch.device) -> RealAreaGroups:
+    """:class:`RealAreaGroups` of the real areas ``real_hw`` [B] ((rows, cols) from the top left)
+    of a [B, H, W] grid, built on the CPU once per areas, grid, window size and device (cached:
+    every reduced block of a forward, and every input of the same areas, reuses it)."""
     inside = torch.zeros(len(real_hw), *hw, 1)
     for image, (rows, cols) in enumerate(real_hw):
         inside[image, :rows, :cols] = 1
-    grouped, valid, _, _ = group_tokens(inside, window_size)
-    return grouped[..., 0] > 0, valid
+    grouped, in_grid, _, _ = group_tokens(inside, window_size)
+    inside = grouped[..., 0] > 0
+    has_input_padding = (in_grid & ~inside).any(1)
+    has_both = has_input_padding & ~in_grid.all(1)
+    return RealAreaGroups(inside.to(device), (~in_grid & has_both[:, None]).to(device),
+                          inside.sum(1).tolist(), has_input_padding.tolist(), has_both.tolist())
