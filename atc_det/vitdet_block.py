@@ -81,6 +81,12 @@ __all__ = ["ATCBlock", "apply_reduction", "cluster_block_update", "cluster_grid"
            "dense_partition", "remove_reduction", "unwrapped_block"]
 
 
+# The largest relative-position mask :func:`cluster_attention` builds at once: longer attention
+# rows take their queries in chunks (a global block's mask over all cluster pairs is 200 MB at
+# 1024x1024, keep 0.5; a fresh buffer that size costs page faults on the CPU, and memory anywhere).
+MASK_CHUNK_BYTES = 16 * 2**20
+
+
 # ---------------------------------------------------------------------------------------------
 # Pure tensor helpers
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +216,8 @@ def cluster_attention(
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [A, heads, L, D]
     key_bias = placed(key_bias, float("-inf"))  # [A, L]
     if not attn.use_rel_pos:
-        mask = key_bias[:, None, None, :].to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias[:, None, None, :].to(q.dtype),
+                                             scale=attn.scale)
     else:
         tables = (resized_rel_pos_table(attn.rel_pos_h, grid[0]),
                   resized_rel_pos_table(attn.rel_pos_w, grid[1]))
@@ -221,8 +228,14 @@ def cluster_attention(
         else:
             weights = [placed(w, 0.0) for w in positions]
             terms = [query_rel_pos_terms(q, w, t).to(q.dtype) for w, t in zip(weights, tables)]
-        mask = rel_pos_mask(torch.cat(terms, -1), torch.cat(weights, -1), key_bias).to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+        terms, weights = torch.cat(terms, -1), torch.cat(weights, -1)
+        # The mask [A, h, rows, L] of one chunk of query rows at a time (rows are independent).
+        mask_row_bytes = num_rows * heads * length * torch.promote_types(q.dtype, torch.float32).itemsize
+        rows = max(1, MASK_CHUNK_BYTES // mask_row_bytes)
+        chunks = [F.scaled_dot_product_attention(
+            q_rows, k, v, attn_mask=rel_pos_mask(terms_rows, weights, key_bias).to(q.dtype), scale=attn.scale)
+            for q_rows, terms_rows in zip(q.split(rows, 2), terms.split(rows, 2))]
+        out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2)
     out = out.transpose(1, 2).reshape(num_rows * length, C)
     return attn.proj(out[position])
 

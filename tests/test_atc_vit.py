@@ -38,6 +38,21 @@ def test_zero_threshold_clusters_nothing_and_equals_detectron2(rel_pos, scope):
     torch.testing.assert_close(vit_features(patched, images), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("rel_pos", ["centroid", "mean"])
+def test_query_chunks_of_the_rel_pos_mask_equal_detectron2(rel_pos, monkeypatch):
+    # Attention rows whose mask exceeds MASK_CHUNK_BYTES take their queries in chunks: here
+    # 5 rows per chunk of 196 (the last chunk 1 row), with every token its own cluster.
+    from atc_det import vitdet_block
+
+    bytes_per_row = 2 * 4 * 196 * 4  # images x heads x keys x float32
+    monkeypatch.setattr(vitdet_block, "MASK_CHUNK_BYTES", 5 * bytes_per_row + 1)
+    stock = small_vit()
+    patched = apply_atc(copy.deepcopy(stock), blocks=range(4), threshold=0.0, rel_pos=rel_pos, scope="image")
+    images = torch.randn(2, 3, 224, 224)
+    expected = vit_features(stock, images)
+    torch.testing.assert_close(vit_features(patched, images), expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("linkage", ["single", "complete", "average"])
 def test_merging_duplicate_tokens_is_exact_with_proportional_attention(linkage):
     # Without positional embeddings, repeated patch columns give duplicate tokens in every block
