@@ -59,6 +59,19 @@ def test_detectron2_vit_with_atc_is_one_graph_equal_to_eager(settings):
         torch.testing.assert_close(vit_features(compiled, x), vit_features(vit, x), rtol=1e-4, atol=1e-4)
 
 
+def test_query_chunks_of_the_rel_pos_mask_are_one_graph_equal_to_eager(monkeypatch):
+    """The global block's attention in a few chunks of query rows (MASK_CHUNK_BYTES made small)."""
+    from atc_det import vitdet_block
+
+    monkeypatch.setattr(vitdet_block, "MASK_CHUNK_BYTES", 2**17)
+    vit = reduced_vit()
+    torch._dynamo.reset()
+    compiled = torch.compile(vit, backend="aot_eager", fullgraph=True, dynamic=False)
+    for height, width in SIZES:
+        x = images(height, width)
+        torch.testing.assert_close(vit_features(compiled, x), vit_features(vit, x), rtol=1e-4, atol=1e-4)
+
+
 def test_sdpa_peer_is_one_graph():
     from atc_det.modeling import apply_fast_attention
 
