@@ -201,9 +201,10 @@ def cluster_attention(
     the tokens of their row; empty places are masked. Relative positions, per axis:
     logit(i, j) += sum_ab wi[a] wj[b] q_i . R(a - b), exactly Detectron2's term for one-hot
     (single-token) positions, given to SDPA as its mask (:func:`rel_pos_mask`) on a lattice of
-    size ``grid``. ``rel_pos="centroid"``: ``positions`` = (row, col) centroids [T] (linear
-    interpolation); ``"mean"``: ``positions`` = (row weights [T, Sh], col weights [T, Sw]) member
-    histograms. Returns [T, C].
+    size ``grid``, built and attended for chunks of query rows of at most ``MASK_CHUNK_BYTES``.
+    ``rel_pos="centroid"``: ``positions`` = (row, col) centroids [T] (linear interpolation);
+    ``"mean"``: ``positions`` = (row weights [T, Sh], col weights [T, Sw]) member histograms.
+    Returns [T, C].
     """
     position, num_rows, length = layout
     C, heads = tokens.shape[-1], attn.num_heads
