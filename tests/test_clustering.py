@@ -63,9 +63,10 @@ def numbered_by_first_member(labels) -> bool:
 
 @over_backends
 def test_random_cases_match_scipy_maxclust(backend):
-    """1,200 random cases (B = 4 samples each over N, C, K, linkage): same partition as SciPy."""
+    """1,200 random cases (B = 4 samples each over N, C, K, linkage; the first 480 of them for
+    Triton's interpreter, which is slow): same partition as SciPy."""
     rng = np.random.default_rng(0)
-    for _ in range(100):
+    for _ in range(40 if backend == "triton" else 100):
         num_tokens, channels = int(rng.integers(2, 48)), int(rng.integers(2, 12))
         x = torch.from_numpy(rng.standard_normal((4, num_tokens, channels)))
         for method in LINKAGES:
