@@ -166,22 +166,27 @@ def centroid_query_terms(q: Tensor, coord: Tensor, table: Tensor, size: int) -> 
                                               w_high[:, None, :, None].to(offsets.dtype))
 
 
-def rel_pos_mask(query_terms: Tensor, key_weights: Tensor, key_bias: Tensor) -> Tensor:
+def rel_pos_keys(key_weights: Tensor, key_bias: Tensor) -> Tensor:
+    """The key side of :func:`rel_pos_mask`: key_weights [A, L, S'] (each key's position as
+    weights over the lattice lines of both axes: 2 non-zeros per axis for a centroid, the member
+    histogram for "mean") and key_bias [A, L] -> [A, L, S' + 1] in the mask's dtype (float32, or
+    float64 for float64 inputs)."""
+    dtype = torch.promote_types(key_weights.dtype, torch.float32)
+    return torch.cat([key_weights.to(dtype), key_bias[..., None].to(dtype)], -1)
+
+
+def rel_pos_mask(query_terms: Tensor, keys: Tensor) -> Tensor:
     """The additive attention mask of decomposed relative positions and per-key biases.
 
-    query_terms [A, h, L, S'] (each query's term towards each lattice line of both axes),
-    key_weights [A, L, S'] (each key's position as weights over those lines: 2 non-zeros per axis
-    for a centroid, the member histogram for "mean"), key_bias [A, L] -> [A, h, L, L] (float32,
-    or float64 for float64 inputs): mask(i, j) = terms_i . weights_j + key_bias_j, one matmul of
-    inner size S' + 1 (29 in windowed blocks, 129 in global blocks at 1024x1024), not autocast.
-    The logits' q.k stays stock's (head dim 64) in SDPA's fused kernel.
+    query_terms [A, h, L', S'] (each query's term towards each lattice line of both axes), keys
+    [A, L, S' + 1] (:func:`rel_pos_keys`) -> [A, h, L', L] in the keys' dtype:
+    mask(i, j) = terms_i . weights_j + key_bias_j, one matmul of inner size S' + 1 (29 in
+    windowed blocks, 129 in global blocks at 1024x1024), not autocast. The logits' q.k stays
+    stock's (head dim 64) in SDPA's fused kernel.
     """
-    dtype = torch.promote_types(query_terms.dtype, torch.float32)
     ones = query_terms.new_ones(*query_terms.shape[:-1], 1)
     with torch.autocast(query_terms.device.type, enabled=False):
-        terms = torch.cat([query_terms, ones], -1).to(dtype)
-        weights = torch.cat([key_weights.to(dtype), key_bias[..., None].to(dtype)], -1)
-        return terms @ weights[:, None].mT
+        return torch.cat([query_terms, ones], -1).to(keys.dtype) @ keys[:, None].mT
 
 
 def cluster_attention(
@@ -229,12 +234,11 @@ def cluster_attention(
         else:
             weights = [placed(w, 0.0) for w in positions]
             terms = [query_rel_pos_terms(q, w, t).to(q.dtype) for w, t in zip(weights, tables)]
-        terms, weights = torch.cat(terms, -1), torch.cat(weights, -1)
+        terms, keys = torch.cat(terms, -1), rel_pos_keys(torch.cat(weights, -1), key_bias)
         # The mask [A, h, rows, L] of one chunk of query rows at a time (rows are independent).
-        mask_row_bytes = num_rows * heads * length * torch.promote_types(q.dtype, torch.float32).itemsize
-        rows = max(1, MASK_CHUNK_BYTES // mask_row_bytes)
+        rows = max(1, MASK_CHUNK_BYTES // (num_rows * heads * length * keys.dtype.itemsize))
         chunks = [F.scaled_dot_product_attention(
-            q_rows, k, v, attn_mask=rel_pos_mask(terms_rows, weights, key_bias).to(q.dtype), scale=attn.scale)
+            q_rows, k, v, attn_mask=rel_pos_mask(terms_rows, keys).to(q.dtype), scale=attn.scale)
             for q_rows, terms_rows in zip(q.split(rows, 2), terms.split(rows, 2))]
         out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2)
     out = out.transpose(1, 2).reshape(num_rows * length, C)
@@ -267,9 +271,9 @@ def cluster_layout(size: Tensor, real: Tensor, partition: Partition, num_images:
     (padding clusters are keys as in Detectron2); else the clusters of all windows of an image,
     the real tokens where nothing is merged, else all clusters with padding clusters masked out as
     keys (their outputs are dropped). A group's clusters are its slots 0..count-1; one left
-    without members (a moved padding cluster) is no key (bias -inf), its output unused. Returns the flat slot [T] of each used cluster, its
-    ``layout`` for :func:`cluster_attention` and the key bias [G, K]
-    (:func:`~atc_det.reduction.cluster_attention_bias`)."""
+    without members (a moved padding cluster) is no key (bias -inf), its output unused. Returns
+    the flat slot [T] of each used cluster, its ``layout`` for :func:`cluster_attention` and the
+    key bias [G, K] (:func:`~atc_det.reduction.cluster_attention_bias`)."""
     key_bias = cluster_attention_bias(size, prop_attn)
     num_slots, counts = partition.num_slots, partition.cluster_counts
     clusters = torch.arange(num_slots, device=size.device) < torch.tensor(counts).to(

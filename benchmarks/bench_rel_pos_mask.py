@@ -3,7 +3,7 @@ on the same inputs (12 heads, L cluster tokens, S = 64 lattice lines per axis, h
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_rel_pos_mask.py [--tokens 2048]
 
-1. "matmul mask" (what ``atc_det.modeling.atc_vit.rel_pos_mask`` does): mask = query terms
+1. "matmul mask" (what ``atc_det.vitdet_block.rel_pos_mask`` does): mask = query terms
    [L, 2S + 1] x key weights [2S + 1, L] + SDPA at head dim 64;
 2. "grid_sample mask": the key side read at each key's two lattice lines per axis
    (``grid_sample``, O(L^2) reads) + SDPA at head dim 64;

@@ -9,6 +9,7 @@ from atc_det.modeling import apply_atc, apply_fast_attention
 from atc_det.vitdet_block import (
     centroid_query_terms,
     interpolation_weights,
+    rel_pos_keys,
     rel_pos_mask,
     resized_rel_pos_table,
 )
@@ -40,7 +41,7 @@ def test_centroid_mask_equals_the_definition_for_fractional_positions(grid):
     terms = torch.cat([centroid_query_terms(q, rows, table_h, grid[0]),
                        centroid_query_terms(q, cols, table_w, grid[1])], -1)
     weights = torch.cat([interpolation_weights(rows, grid[0]), interpolation_weights(cols, grid[1])], -1)
-    got = rel_pos_mask(terms, weights, key_bias)
+    got = rel_pos_mask(terms, rel_pos_keys(weights, key_bias))
     expected = brute_force_rel_pos(q, rows, cols, table_h, table_w, grid) + key_bias[:, None, None, :]
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
