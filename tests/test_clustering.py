@@ -342,20 +342,15 @@ def test_triton_kernel_equals_native_kernel_with_ties(method, dtype):
 
 
 def test_triton_kernel_window_size_equals_native_kernel():
-    """ViTDet windows: N = 196 (P = 256) with edge-window padding and a K per window."""
+    """ViTDet windows: N = 196 (P = 256) with edge-window padding and a K per window; the labels
+    from the metric (each backend computes the distances) equal the native kernel's."""
     generator = torch.Generator().manual_seed(12)
     x = torch.randn(3, 196, 16, generator=generator)
     valid = torch.arange(196) < torch.tensor([196, 140, 100])[:, None]
     k = torch.tensor([98, 71, 51])
     for method in LINKAGES:
         expected = agglomerative_clustering(x, k, method, valid=valid, backend="native")
-        dist = cosine_distances(x)
-        got = agglomerative_clustering(linkage=method, num_clusters=k, distances=dist, valid=valid,
-                                       backend="triton")
-        assert torch.equal(got, agglomerative_clustering(linkage=method, num_clusters=k, distances=dist,
-                                                         valid=valid, backend="native")), method
-        assert same_partition(agglomerative_clustering(x, k, method, valid=valid, backend="triton")[0],
-                              expected[0].numpy())
+        assert torch.equal(agglomerative_clustering(x, k, method, valid=valid, backend="triton"), expected), method
 
 
 def test_native_kernel_large_sample_splits_rows():
